@@ -1,0 +1,212 @@
+"""One LightningDataModule serving SyntheticCXR, ChestX-ray14 (NIH) and ChestMNIST."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from causal_ie.data.errors import DataError
+from causal_ie.data.findings import FINDINGS
+from causal_ie.data.transforms import BoxAwareAugment, TransformedDataset
+
+log = logging.getLogger(__name__)
+
+SOURCES = ("synthetic", "nih", "chestmnist")
+SPLITS = ("train", "val", "test")
+
+
+class ChestXray14DataModule(L.LightningDataModule):
+    """Train/val/test splits of one data source, as batches of sample dicts.
+
+    A batch holds ``image`` [B,1,S,S] in [0,1], ``labels`` [B,14], ``boxes``
+    [B,14,4] (x, y, w, h in pixels of the batch image; NaN where a finding has
+    no box), ``id`` and ``patient_id`` (lists of str).
+
+    Args:
+        source: ``synthetic`` (default; generated, no download), ``nih`` (the
+            ChestX-ray14 folder at ``root``) or ``chestmnist`` (MedMNIST npz at ``root``).
+        root: data folder for ``nih`` / ``chestmnist``.
+        image_size: side of the square images fed to the model.
+        augment: box-consistent random affine on the training split.
+        synthetic: SyntheticCXR settings: ``num_train``, ``num_val``,
+            ``num_test``, ``prevalence``, ``spurious`` (shortcut marker for
+            train/val) and ``test_spurious`` (for test; default: as ``spurious``).
+        test_boxes_only: NIH: test only on the images with radiologist boxes.
+        chestmnist_size: which MedMNIST file to read (28/64/128/224); default:
+            the smallest one at least ``image_size``.
+        on_error: ``raise`` (default) or ``skip`` missing/unreadable files.
+    """
+
+    def __init__(
+        self,
+        source: str = "synthetic",
+        root: str | None = None,
+        image_size: int = 64,
+        batch_size: int = 64,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        augment: bool = True,
+        augment_translate: float = 0.05,
+        augment_scale: tuple[float, float] = (0.95, 1.05),
+        augment_degrees: float = 5.0,
+        augment_hflip: float = 0.0,
+        seed: int = 0,
+        val_fraction: float = 0.1,
+        test_fraction: float = 0.2,
+        cache_dir: str | None = None,
+        test_boxes_only: bool = False,
+        on_error: str = "raise",
+        synthetic: dict[str, Any] | None = None,
+        chestmnist_size: int | None = None,
+    ):
+        super().__init__()
+        if source not in SOURCES:
+            raise ValueError(f"data.source={source!r}; expected one of {SOURCES}")
+        if source != "synthetic" and root is None:
+            raise DataError(f"data.root is required for data.source={source!r}: the folder holding the files")
+        if int(image_size) < 8:
+            raise ValueError(f"data.image_size must be >= 8, got {image_size}")
+        if int(batch_size) < 1:
+            raise ValueError(f"data.batch_size must be >= 1, got {batch_size}")
+        if on_error not in ("raise", "skip"):
+            raise ValueError(f"data.on_error must be 'raise' or 'skip', got {on_error!r}")
+        self.source = source
+        self.root = root
+        self.image_size = int(image_size)
+        self.batch_size = int(batch_size)
+        self.num_workers = int(num_workers)
+        self.pin_memory = pin_memory
+        self.seed = int(seed)
+        self.val_fraction = val_fraction
+        self.test_fraction = test_fraction
+        self.cache_dir = cache_dir
+        self.test_boxes_only = test_boxes_only
+        self.on_error = on_error
+        self.synthetic = dict(synthetic or {})
+        self.chestmnist_size = chestmnist_size
+        self.findings = FINDINGS
+        self.augmentation = (
+            BoxAwareAugment(
+                translate=augment_translate,
+                scale=tuple(augment_scale),
+                degrees=augment_degrees,
+                hflip=augment_hflip,
+            )
+            if augment
+            else None
+        )
+        self.datasets: dict[str, Dataset] = {}
+
+    # -- building the splits -------------------------------------------------
+    def _build(self, split: str) -> Dataset:
+        if self.source == "synthetic":
+            return self._synthetic(split)
+        if self.source == "nih":
+            from causal_ie.data.nih import NIHDataset
+
+            return NIHDataset.from_root(
+                self.root,
+                split,
+                image_size=self.image_size,
+                cache_dir=self.cache_dir,
+                val_fraction=self.val_fraction,
+                test_fraction=self.test_fraction,
+                seed=self.seed,
+                on_error=self.on_error,
+                boxes_only=self.test_boxes_only and split == "test",
+            )
+        from causal_ie.data.chestmnist import ChestMNISTDataset, read_chestmnist
+
+        # The smallest MedMNIST file at least as large as the wanted size.
+        native = min((s for s in (28, 64, 128, 224) if s >= self.image_size), default=224)
+        images, labels = read_chestmnist(self.root, size=self.chestmnist_size or native)[split]
+        return ChestMNISTDataset(images, labels, image_size=self.image_size, split=split)
+
+    def _synthetic(self, split: str) -> Dataset:
+        from causal_ie.data.synthetic import SyntheticCXR
+
+        cfg = self.synthetic
+        sizes = {"train": cfg.get("num_train", 4000), "val": cfg.get("num_val", 500), "test": cfg.get("num_test", 500)}
+        spurious = cfg.get("spurious")
+        if split == "test" and "test_spurious" in cfg:
+            spurious = cfg["test_spurious"]
+        # Disjoint seeds: the three splits never share an image.
+        return SyntheticCXR(
+            num_samples=int(sizes[split]),
+            image_size=self.image_size,
+            seed=self.seed * 3 + SPLITS.index(split),
+            prevalence=cfg.get("prevalence", 0.2),
+            spurious=None if spurious is None else dict(spurious),
+        )
+
+    def prepare_data(self) -> None:
+        # NIH: decode + resize once into the memmap cache (rank 0 only under DDP).
+        if self.source == "nih":
+            for split in SPLITS:
+                self._build(split)
+
+    def setup(self, stage: str | None = None) -> None:
+        wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
+        for split in wanted.get(stage, SPLITS):
+            if split not in self.datasets:
+                self.datasets[split] = self._build(split)
+                log.info("%s split of %s: %d images", split, self.source, len(self.datasets[split]))
+                if len(self.datasets[split]) == 0:
+                    raise DataError(f"the {split} split of data.source={self.source!r} is empty (data.root={self.root})")
+
+    def dataset(self, split: str) -> Dataset:
+        """The (unaugmented) data set of ``split``, built on first use."""
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        if split not in self.datasets:
+            self.datasets[split] = self._build(split)
+        return self.datasets[split]
+
+    def label_matrix(self, split: str = "train") -> np.ndarray:
+        """All labels of a split as an (N, 14) array, without decoding images."""
+        ds = self.dataset(split)
+        if hasattr(ds, "label_matrix"):
+            return np.asarray(ds.label_matrix())
+        if hasattr(ds, "labels"):
+            return np.asarray(ds.labels)
+        return np.stack([ds[i]["labels"].numpy() for i in range(len(ds))])
+
+    def positive_weights(self) -> list[float]:
+        """BCE pos_weight per finding: negatives / positives on the training split."""
+        labels = self.label_matrix("train")
+        pos = labels.sum(0)
+        neg = len(labels) - pos
+        return (neg / np.maximum(pos, 1)).astype(float).tolist()
+
+    # -- loaders -------------------------------------------------------------
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        ds = self.dataset(split)
+        if split == "train" and self.augmentation is not None:
+            ds = TransformedDataset(ds, self.augmentation)
+        return DataLoader(
+            ds,
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+            drop_last=False,
+            generator=torch.Generator().manual_seed(self.seed) if shuffle else None,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
+
+

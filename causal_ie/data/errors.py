@@ -1,0 +1,48 @@
+"""Errors for bad input data, and the raise-or-skip policy of `data.on_error`."""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+
+log = logging.getLogger(__name__)
+
+
+class DataError(ValueError):
+    """Input data is missing or malformed. The message names the file or field."""
+
+
+class ProblemLog:
+    """Collects data problems; raises at once (`on_error="raise"`) or counts and skips.
+
+    Problems are grouped by kind ("missing image", "unreadable image", ...), so
+    a summary can say how many files of each kind were skipped and name a few.
+    """
+
+    def __init__(self, on_error: str = "raise", hint: str = "data.on_error=skip"):
+        if on_error not in ("raise", "skip"):
+            raise DataError(f"data.on_error must be 'raise' or 'skip', got {on_error!r}")
+        self.on_error = on_error
+        self.hint = hint
+        self.problems: dict[str, list[str]] = defaultdict(list)
+
+    def report(self, kind: str, item: str, detail: str = "") -> None:
+        msg = f"{kind}: {item}" + (f" ({detail})" if detail else "")
+        if self.on_error == "raise":
+            raise DataError(f"{msg}. Fix the data or set {self.hint} to skip such files.")
+        self.problems[kind].append(item)
+
+    @property
+    def count(self) -> int:
+        return sum(len(v) for v in self.problems.values())
+
+    def summary(self) -> str:
+        parts = []
+        for kind, items in self.problems.items():
+            shown = ", ".join(items[:5]) + (", ..." if len(items) > 5 else "")
+            parts.append(f"{len(items)} x {kind} [{shown}]")
+        return "; ".join(parts)
+
+    def log_summary(self) -> None:
+        if self.count:
+            log.warning("skipped %d problem file(s): %s", self.count, self.summary())

@@ -1,0 +1,36 @@
+"""The 14 ChestX-ray14 findings, in the CheXNet / NIH order used everywhere."""
+
+FINDINGS: tuple[str, ...] = (
+    "Atelectasis",
+    "Cardiomegaly",
+    "Effusion",
+    "Infiltration",
+    "Mass",
+    "Nodule",
+    "Pneumonia",
+    "Pneumothorax",
+    "Consolidation",
+    "Edema",
+    "Emphysema",
+    "Fibrosis",
+    "Pleural_Thickening",
+    "Hernia",
+)
+NUM_FINDINGS = len(FINDINGS)
+
+# Spellings found in the NIH files that differ from FINDINGS.
+ALIASES = {"Infiltrate": "Infiltration", "Pleural Thickening": "Pleural_Thickening"}
+
+
+def finding_index(name: str) -> int:
+    """Index of a finding in FINDINGS; accepts the NIH aliases.
+
+    Raises ValueError naming the valid findings when ``name`` is unknown.
+    """
+    canonical = ALIASES.get(name, name)
+    try:
+        return FINDINGS.index(canonical)
+    except ValueError:
+        raise ValueError(
+            f"unknown finding {name!r}; expected one of {', '.join(FINDINGS)}"
+        ) from None

@@ -1,0 +1,60 @@
+"""Shared fixtures: the real Hydra configs, composed and shrunk to test size."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, open_dict
+
+TESTS = Path(__file__).resolve().parent
+ROOT = TESTS.parent
+CONF = ROOT / "conf"
+sys.path.insert(0, str(TESTS))  # fixture factories such as nih_fixtures
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+# Tiny but real: the default config with few, small images and one short epoch.
+TINY_TRAIN = [
+    "model=tiny",
+    "logger=none",
+    "data.image_size=32",
+    "data.batch_size=16",
+    "data.synthetic.num_train=64",
+    "data.synthetic.num_val=32",
+    "data.synthetic.num_test=32",
+    "trainer.max_epochs=1",
+    "+trainer.limit_train_batches=2",
+    "+trainer.limit_val_batches=2",
+    "+trainer.limit_test_batches=2",
+    "+trainer.enable_progress_bar=false",
+    "~callbacks.model_summary",
+]
+
+
+def compose_config(name: str, overrides: list[str], output_dir: Path) -> DictConfig:
+    """Compose conf/<name>.yaml with ``overrides`` as `python <name>.py` would, outputs in ``output_dir``."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(name, overrides=overrides, return_hydra_config=True)
+    HydraConfig().set_config(cfg)  # so ${hydra:...} interpolations resolve
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(output_dir)
+        cfg.paths.root_dir = str(output_dir)
+    return cfg
+
+
+@pytest.fixture
+def train_cfg(tmp_path):
+    """A factory: ``train_cfg(*overrides)`` -> tiny composed train config in tmp_path."""
+
+    def make(*overrides: str) -> DictConfig:
+        return compose_config("train", TINY_TRAIN + list(overrides), tmp_path)
+
+    yield make
+    GlobalHydra.instance().clear()
