@@ -34,6 +34,7 @@ TINY_TRAIN = [
     "+trainer.limit_test_batches=2",
     "+trainer.enable_progress_bar=false",
     "~callbacks.model_summary",
+    "~callbacks.progress_bar",
 ]
 
 

@@ -9,7 +9,9 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+from torch import distributed as dist
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from causal_ie.data.errors import DataError
 from causal_ie.data.findings import FINDINGS
@@ -38,6 +40,7 @@ class ChestXray14DataModule(L.LightningDataModule):
             ``num_test``, ``prevalence``, ``spurious`` (shortcut marker for
             train/val) and ``test_spurious`` (for test; default: as ``spurious``).
         test_boxes_only: NIH: test only on the images with radiologist boxes.
+        test_subset: use only the first n test images (quick evaluations).
         chestmnist_size: which MedMNIST file to read (28/64/128/224); default:
             the smallest one at least ``image_size``.
         on_error: ``raise`` (default) or ``skip`` missing/unreadable files.
@@ -64,6 +67,7 @@ class ChestXray14DataModule(L.LightningDataModule):
         on_error: str = "raise",
         synthetic: dict[str, Any] | None = None,
         chestmnist_size: int | None = None,
+        test_subset: int | None = None,
     ):
         super().__init__()
         if source not in SOURCES:
@@ -90,6 +94,9 @@ class ChestXray14DataModule(L.LightningDataModule):
         self.on_error = on_error
         self.synthetic = dict(synthetic or {})
         self.chestmnist_size = chestmnist_size
+        if test_subset is not None and int(test_subset) < 1:
+            raise ValueError(f"data.test_subset must be >= 1 or null, got {test_subset}")
+        self.test_subset = None if test_subset is None else int(test_subset)
         self.findings = FINDINGS
         self.augmentation = (
             BoxAwareAugment(
@@ -155,7 +162,7 @@ class ChestXray14DataModule(L.LightningDataModule):
         wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
         for split in wanted.get(stage, SPLITS):
             if split not in self.datasets:
-                self.datasets[split] = self._build(split)
+                self.dataset(split)
                 log.info("%s split of %s: %d images", split, self.source, len(self.datasets[split]))
                 if len(self.datasets[split]) == 0:
                     raise DataError(f"the {split} split of data.source={self.source!r} is empty (data.root={self.root})")
@@ -165,12 +172,21 @@ class ChestXray14DataModule(L.LightningDataModule):
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         if split not in self.datasets:
-            self.datasets[split] = self._build(split)
+            ds = self._build(split)
+            if split == "test" and self.test_subset is not None and self.test_subset < len(ds):
+                ds = Subset(ds, range(self.test_subset))
+            self.datasets[split] = ds
         return self.datasets[split]
 
     def label_matrix(self, split: str = "train") -> np.ndarray:
         """All labels of a split as an (N, 14) array, without decoding images."""
         ds = self.dataset(split)
+        if isinstance(ds, Subset):
+            return self.label_matrix_of(ds.dataset)[list(ds.indices)]
+        return self.label_matrix_of(ds)
+
+    @staticmethod
+    def label_matrix_of(ds: Dataset) -> np.ndarray:
         if hasattr(ds, "label_matrix"):
             return np.asarray(ds.label_matrix())
         if hasattr(ds, "labels"):
@@ -189,10 +205,15 @@ class ChestXray14DataModule(L.LightningDataModule):
         ds = self.dataset(split)
         if split == "train" and self.augmentation is not None:
             ds = TransformedDataset(ds, self.augmentation)
+        sampler = None
+        if split == "test" and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            # Shard without padding duplicates, so sharded test metrics equal one process's.
+            sampler = UnrepeatedDistributedSampler(ds, shuffle=False)
         return DataLoader(
             ds,
             batch_size=self.batch_size,
             shuffle=shuffle,
+            sampler=sampler,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,

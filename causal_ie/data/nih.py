@@ -1,0 +1,521 @@
+"""ChestX-ray14 (NIH): metadata, radiologist boxes, splits, image files and the data set.
+
+Reads the folder exactly as the NIH download unpacks (see DESIGN.md section 2):
+``Data_Entry_2017_v2020.csv`` (or ``Data_Entry_2017.csv``, either ``.gz``),
+``BBox_List_2017.csv``, ``train_val_list.txt`` / ``test_list.txt`` and the
+images under ``images/`` or the tarballs' ``images_001/images/`` ...
+Problems with the data (unknown labels, missing or unreadable images, ...) go
+through a :class:`ProblemLog`: a clear DataError by default, counted and
+skipped with ``on_error="skip"``.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+import logging
+import math
+import mmap
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import Dataset
+
+from causal_ie.data.cache import build_cache
+from causal_ie.data.errors import DataError, ProblemLog
+from causal_ie.data.findings import ALIASES, FINDINGS, NUM_FINDINGS
+
+log = logging.getLogger(__name__)
+
+METADATA_NAMES = ("Data_Entry_2017_v2020.csv", "Data_Entry_2017.csv")
+BBOX_NAME = "BBox_List_2017.csv"
+TRAIN_VAL_LIST, TEST_LIST = "train_val_list.txt", "test_list.txt"
+NO_FINDING = "No Finding"
+DEFAULT_ORIGINAL_SIZE = 1024  # the NIH images are 1024 x 1024
+SPLITS = ("train", "val", "test")
+
+_EXPECTED_CONTENT = (
+    f"{METADATA_NAMES[0]} (or {METADATA_NAMES[1]}), {BBOX_NAME}, {TRAIN_VAL_LIST}, {TEST_LIST} "
+    "and the PNGs under images/ or images_001/images/ ... images_012/images/"
+)
+_METADATA_COLUMNS = {"Image Index": "image", "Finding Labels": "labels", "Patient ID": "patient_id", "View Position": "view"}
+
+
+# -- files -------------------------------------------------------------------
+def _check_root(root: str | Path) -> Path:
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise DataError(f"the NIH ChestX-ray14 folder {root} (data.root) does not exist; it should contain {_EXPECTED_CONTENT}")
+    return root
+
+
+def _find_file(root: Path, names: Iterable[str]) -> Path | None:
+    """The first of ``names`` (each also as ``.gz``) present in ``root``."""
+    for name in names:
+        for candidate in (root / name, root / f"{name}.gz"):
+            if candidate.is_file():
+                return candidate
+    return None
+
+
+def _looked_for(names: Iterable[str]) -> str:
+    return ", ".join(f"{n} / {n}.gz" for n in names)
+
+
+# -- metadata ----------------------------------------------------------------
+def read_metadata(root: str | Path, on_error: str = "raise", *, problems: ProblemLog | None = None) -> pd.DataFrame:
+    """One row per image of ``Data_Entry_2017[_v2020].csv``.
+
+    Columns: ``image`` (file name), ``patient_id`` (str), ``view`` (PA/AP),
+    then one 0/1 int column per finding, named and ordered as FINDINGS.
+    ``No Finding`` gives all zeros; NIH spellings such as ``Infiltrate`` are
+    mapped to FINDINGS names. Unknown labels and duplicate rows raise a
+    DataError naming the file, row and label, or with ``on_error="skip"`` drop
+    the row and are counted (pass ``problems`` to collect them yourself).
+    """
+    own_log = problems is None
+    problems = problems if problems is not None else ProblemLog(on_error)
+    entries = _load_entries(_check_root(root), problems)
+    if own_log:
+        problems.log_summary()
+    return entries[["image", "patient_id", "view", *FINDINGS]]
+
+
+def _read_csv(path: Path, what: str, **kwargs: Any) -> pd.DataFrame:
+    try:
+        return pd.read_csv(path, **kwargs)
+    except (OSError, EOFError, UnicodeDecodeError, ValueError, pd.errors.ParserError) as exc:
+        raise DataError(f"cannot read the {what} {path}: {exc}") from None
+
+
+def _load_entries(root: Path, problems: ProblemLog) -> pd.DataFrame:
+    """The metadata as :func:`read_metadata` plus ``width`` / ``height`` of the original images."""
+    path = _find_file(root, METADATA_NAMES)
+    if path is None:
+        raise DataError(f"no NIH metadata file in {root}: looked for {_looked_for(METADATA_NAMES)}")
+    raw = _read_csv(path, "NIH metadata file", dtype=str, keep_default_na=False)
+    raw.columns = [str(c).strip() for c in raw.columns]
+    missing = [c for c in _METADATA_COLUMNS if c not in raw.columns]
+    if missing:
+        raise DataError(
+            f"{path}: missing column(s) {', '.join(missing)}; expected the NIH header "
+            "'Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,View Position,...', "
+            f"found {', '.join(raw.columns)}"
+        )
+    images = raw["Image Index"].str.strip()
+    labels = raw["Finding Labels"].str.strip().str.replace(r"\s*\|\s*", "|", regex=True)
+    line = raw.index.to_numpy() + 2  # 1-based file line: the header is line 1
+
+    def where(i: int) -> str:
+        return f"{path} line {line[i]} (image {images.iloc[i] or '<empty>'})"
+
+    bad = np.zeros(len(raw), dtype=bool)
+    for i in np.flatnonzero((images == "").to_numpy()):
+        problems.report("row without image name", where(i), "empty 'Image Index'")
+        bad[i] = True
+    for i in np.flatnonzero((labels == "").to_numpy()):
+        problems.report("unknown label", where(i), f"empty 'Finding Labels'; write '{NO_FINDING}' for an image without findings")
+        bad[i] = True
+
+    dummies = labels.str.get_dummies(sep="|")
+    counts = pd.DataFrame(0, index=raw.index, columns=list(FINDINGS), dtype=np.int64)
+    unknown: list[tuple[int, str]] = []
+    for label in dummies.columns:
+        if label in ("", NO_FINDING):
+            continue
+        canonical = ALIASES.get(label, label)
+        if canonical in FINDINGS:
+            counts[canonical] += dummies[label].to_numpy()
+        else:
+            unknown += [(int(i), label) for i in np.flatnonzero(dummies[label].to_numpy())]
+    valid_names = ", ".join((NO_FINDING, *FINDINGS))
+    for i, label in sorted(unknown):
+        problems.report("unknown label", where(i), f"label {label!r}; valid labels: {valid_names}")
+        bad[i] = True
+
+    # Duplicates among the rows still kept, so a dropped bad row does not shadow a good one.
+    ok = np.flatnonzero(~bad)
+    for i in ok[images.iloc[ok].duplicated(keep="first").to_numpy()]:
+        problems.report("duplicate image row", where(i), "the image is listed before; keeping the first row")
+        bad[i] = True
+
+    out = pd.DataFrame(
+        {
+            "image": images,
+            "patient_id": raw["Patient ID"].str.strip(),
+            "view": raw["View Position"].str.strip(),
+        }
+    )
+    out = pd.concat([out, counts.clip(upper=1)], axis=1)
+    out["width"], out["height"] = _original_sizes(raw)
+    return out.loc[~bad].reset_index(drop=True)
+
+
+def _original_sizes(raw: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """Width and height columns when the file has them, else the NIH 1024.
+
+    The header cell ``OriginalImage[Width,Height]`` is split by the CSV comma
+    into ``OriginalImage[Width`` and ``Height]``; match loosely on the words.
+    """
+    sizes = []
+    for word in ("width", "height"):
+        column = next((c for c in raw.columns if word in c.lower()), None)
+        if column is None:
+            values = np.full(len(raw), DEFAULT_ORIGINAL_SIZE, dtype=np.float64)
+        else:
+            values = pd.to_numeric(raw[column], errors="coerce").to_numpy(dtype=np.float64)
+            values = np.where(np.isfinite(values) & (values > 0), values, DEFAULT_ORIGINAL_SIZE)
+        sizes.append(values.astype(np.int64))
+    return sizes[0], sizes[1]
+
+
+# -- boxes -------------------------------------------------------------------
+def read_bboxes(root: str | Path) -> pd.DataFrame:
+    """The radiologist boxes of ``BBox_List_2017.csv``: one row per box.
+
+    Columns ``image``, ``finding`` (a FINDINGS name; ``Infiltrate`` becomes
+    ``Infiltration``), ``x``, ``y``, ``w``, ``h`` (float, pixels of the
+    original image). The file's header ``Image Index,Finding Label,Bbox
+    [x,y,w,h],,,`` does not name the coordinate columns, so fields 3 to 6 are
+    read by position. Raises DataError naming the file and line for an
+    unknown finding or a value that is not a positive-size box.
+    """
+    root = _check_root(root)
+    path = _find_file(root, [BBOX_NAME])
+    if path is None:
+        raise DataError(f"no NIH box file in {root}: looked for {_looked_for([BBOX_NAME])}")
+    try:
+        opener = gzip.open if path.suffix == ".gz" else open
+        with opener(path, "rt", newline="", encoding="utf-8-sig") as f:
+            text = f.read()
+    except (OSError, EOFError, UnicodeDecodeError) as exc:
+        raise DataError(f"cannot read the NIH box file {path}: {exc}") from None
+    rows = list(csv.reader(io.StringIO(text)))
+    if not rows or not rows[0] or rows[0][0].strip().lstrip("\ufeff") != "Image Index":
+        raise DataError(f"{path} line 1: expected the header 'Image Index,Finding Label,Bbox [x,y,w,h],,,'")
+    records = []
+    valid_names = ", ".join(FINDINGS)
+    for lineno, fields in enumerate(rows[1:], start=2):
+        if not any(f.strip() for f in fields):
+            continue  # blank line
+        if len(fields) < 6:
+            raise DataError(f"{path} line {lineno}: expected image, finding and 4 numbers x,y,w,h; got {len(fields)} field(s)")
+        image, label = fields[0].strip(), fields[1].strip()
+        finding = ALIASES.get(label, label)
+        if finding not in FINDINGS:
+            raise DataError(f"{path} line {lineno} (image {image}): unknown finding {label!r}; valid findings: {valid_names}")
+        try:
+            x, y, w, h = (float(v) for v in fields[2:6])
+        except ValueError:
+            raise DataError(f"{path} line {lineno} (image {image}): x,y,w,h must be numbers, got {fields[2:6]}") from None
+        if not all(math.isfinite(v) for v in (x, y, w, h)) or w <= 0 or h <= 0:
+            raise DataError(f"{path} line {lineno} (image {image}): box {x},{y},{w},{h} needs finite values and w, h > 0")
+        records.append((image, finding, x, y, w, h))
+    df = pd.DataFrame(records, columns=["image", "finding", "x", "y", "w", "h"])
+    return df.astype({c: np.float64 for c in "xywh"})
+
+
+def _box_array(boxes: pd.DataFrame | None, names: Sequence[str]) -> np.ndarray:
+    """[N, 14, 4] boxes (x, y, w, h, original pixels) of ``names``; NaN where a finding has none.
+
+    Where the file has several boxes of one finding on one image, the row is
+    their enclosing box, so every annotated lesion lies inside it.
+    """
+    out = np.full((len(names), NUM_FINDINGS, 4), np.nan, dtype=np.float32)
+    if boxes is None or boxes.empty:
+        return out
+    index = {n: i for i, n in enumerate(names)}
+    sub = boxes[boxes["image"].isin(index)]
+    if sub.empty:
+        return out
+    corners = sub.assign(x1=sub.x + sub.w, y1=sub.y + sub.h)
+    merged = corners.groupby(["image", "finding"], sort=False).agg(x=("x", "min"), y=("y", "min"), x1=("x1", "max"), y1=("y1", "max"))
+    for (image, finding), r in merged.iterrows():
+        out[index[image], FINDINGS.index(finding)] = (r.x, r.y, r.x1 - r.x, r.y1 - r.y)
+    return out
+
+
+# -- splits ------------------------------------------------------------------
+def _read_list(path: Path) -> list[str]:
+    try:
+        return [s for s in (line.strip() for line in path.read_text().splitlines()) if s]
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"cannot read the split file {path}: {exc}") from None
+
+
+def read_official_split(root: str | Path) -> tuple[list[str], list[str]] | None:
+    """The official patient-wise split as (train_val, test) image names, or None without the files.
+
+    Raises DataError when only one of ``train_val_list.txt`` / ``test_list.txt``
+    is present or an image is listed in both.
+    """
+    root = _check_root(root)
+    train_val_file, test_file = root / TRAIN_VAL_LIST, root / TEST_LIST
+    present = (train_val_file.is_file(), test_file.is_file())
+    if not any(present):
+        return None
+    if not all(present):
+        missing = test_file if present[0] else train_val_file
+        raise DataError(f"{missing} is missing while its counterpart exists; provide both split lists or neither")
+    train_val, test = _read_list(train_val_file), _read_list(test_file)
+    both = sorted(set(train_val) & set(test))
+    if both:
+        raise DataError(f"{len(both)} image(s) listed in both {train_val_file} and {test_file}, e.g. {', '.join(both[:5])}")
+    return train_val, test
+
+
+def patient_split(metadata: pd.DataFrame, fractions: dict[str, float], seed: int) -> dict[str, list[str]]:
+    """Split images patient-wise so each split gets about ``fractions`` of the images.
+
+    Patients are shuffled with ``seed`` and each goes, with all its images, to
+    the split furthest below its target image count; no patient is in two
+    splits. Image lists keep the order of ``metadata``.
+    """
+    for column in ("image", "patient_id"):
+        if column not in metadata.columns:
+            raise ValueError(f"patient_split: metadata needs an {column!r} column, has {list(metadata.columns)}")
+    if not fractions or any(f < 0 for f in fractions.values()) or not math.isclose(sum(fractions.values()), 1.0, abs_tol=1e-6):
+        raise ValueError(f"patient_split: fractions must be >= 0 and sum to 1, got {fractions}")
+    per_patient = metadata.groupby("patient_id", sort=True).size()
+    order = np.random.default_rng(seed).permutation(len(per_patient))
+    total = len(metadata)
+    names = [s for s, f in fractions.items() if f > 0]  # a zero-fraction split gets nothing
+    deficit = np.array([fractions[s] * total for s in names])
+    assigned: dict[str, str] = {}
+    for k in order:
+        j = int(np.argmax(deficit))
+        assigned[per_patient.index[k]] = names[j]
+        deficit[j] -= per_patient.iloc[k]
+    split_of = metadata["patient_id"].map(assigned).to_numpy()
+    images = metadata["image"].to_numpy()
+    return {s: images[split_of == s].tolist() for s in fractions}
+
+
+def make_splits(
+    root: str | Path,
+    metadata: pd.DataFrame,
+    val_fraction: float = 0.1,
+    test_fraction: float = 0.2,
+    seed: int = 0,
+    *,
+    problems: ProblemLog | None = None,
+) -> dict[str, list[str]]:
+    """Image names of the train / val / test splits.
+
+    With the official lists, test is ``test_list.txt`` and validation takes
+    ``val_fraction`` of the ``train_val_list.txt`` images, patient-wise
+    (``test_fraction`` is then unused). Without them the whole metadata is
+    split patient-wise into 1 - val - test, val and test fractions. Images in
+    a split file but not in the metadata are reported to ``problems``.
+    """
+    if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
+        raise ValueError(
+            f"data.val_fraction={val_fraction} and data.test_fraction={test_fraction} must be in [0, 1) and sum below 1"
+        )
+    root = _check_root(root)
+    problems = problems if problems is not None else ProblemLog("raise")
+    official = read_official_split(root)
+    if official is None:
+        return patient_split(metadata, {"train": 1 - val_fraction - test_fraction, "val": val_fraction, "test": test_fraction}, seed)
+    known = set(metadata["image"])
+    kept = []
+    for names, file in zip(official, (TRAIN_VAL_LIST, TEST_LIST), strict=True):
+        for name in names:
+            if name not in known:
+                problems.report("image in split file but not in metadata", name, f"listed in {root / file}")
+        kept.append([n for n in names if n in known])
+    train_val = metadata[metadata["image"].isin(set(kept[0]))]
+    sub = patient_split(train_val, {"train": 1 - val_fraction, "val": val_fraction}, seed)
+    return {"train": sub["train"], "val": sub["val"], "test": kept[1]}
+
+
+# -- image files -------------------------------------------------------------
+def _image_dirs(root: Path) -> list[Path]:
+    dirs = [root / "images"] + sorted(p / "images" for p in root.glob("images_*") if p.is_dir())
+    return [d for d in dirs if d.is_dir()]
+
+
+def find_images(root: str | Path, names: Iterable[str], problems: ProblemLog) -> dict[str, Path]:
+    """Paths of the image files ``names`` under ``root/images/`` or ``root/images_0NN/images/``.
+
+    Each folder is listed once (no per-file stat). Names not found are
+    reported to ``problems`` as "missing image" and left out of the result.
+    """
+    root = _check_root(root)
+    dirs = _image_dirs(root)
+    if not dirs:
+        raise DataError(f"no image folder in {root}: expected images/*.png or images_001/images/*.png ... (the NIH tarballs unpacked)")
+    index: dict[str, Path] = {}
+    for d in dirs:
+        with os.scandir(d) as entries:
+            for entry in entries:
+                index.setdefault(entry.name, Path(entry.path))  # the first folder wins on duplicates
+    found: dict[str, Path] = {}
+    for name in names:
+        path = index.get(name)
+        if path is None:
+            problems.report("missing image", name, f"not in {' or '.join(str(d) for d in dirs)}")
+        else:
+            found[name] = path
+    return found
+
+
+def default_cache_dir(root: str | Path) -> Path:
+    """Where the image cache goes without ``data.cache_dir``: beside the data, else in the user cache."""
+    root = Path(root).expanduser()
+    if os.access(root, os.W_OK):
+        return root / ".causal_ie_cache"
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "causal_ie" / "nih"
+
+
+# -- data set ----------------------------------------------------------------
+class NIHDataset(Dataset):
+    """ChestX-ray14 images with labels and radiologist boxes, as sample dicts.
+
+    Args:
+        images: uint8 [M, S, S] resized images, typically the cache memory map.
+        labels: [N, 14] 0/1 in FINDINGS order.
+        ids: N image file names.
+        patient_ids: N patient ids.
+        boxes: [N, 14, 4] (x, y, w, h) in pixels of the ORIGINAL image, NaN
+            where a finding has no box; None for no boxes.
+        original_sizes: [N, 2] (width, height) of the original images, used
+            to scale the boxes to S; default 1024 x 1024.
+        rows: [N] row of ``images`` holding item i (so skipped files need no
+            copy of the cache); default 0..N-1.
+
+    An item is ``{"image": float32 [1, S, S] in [0, 1], "labels": float32
+    [14], "boxes": float32 [14, 4] in pixels of the returned image, "id",
+    "patient_id"}``.
+    """
+
+    def __init__(
+        self,
+        images: np.ndarray,
+        labels: np.ndarray,
+        ids: Sequence[str],
+        patient_ids: Sequence[str],
+        boxes: np.ndarray | None = None,
+        original_sizes: np.ndarray | None = None,
+        rows: np.ndarray | None = None,
+    ):
+        n = len(ids)
+        if images.ndim != 3 or images.dtype != np.uint8 or images.shape[1] != images.shape[2]:
+            raise ValueError(f"NIHDataset: images must be uint8 [M, S, S], got {images.dtype} {images.shape}")
+        self.labels = np.asarray(labels, dtype=np.float32)
+        if self.labels.shape != (n, NUM_FINDINGS):
+            raise ValueError(f"NIHDataset: labels must be [{n}, {NUM_FINDINGS}] for {n} ids, got {self.labels.shape}")
+        if len(patient_ids) != n:
+            raise ValueError(f"NIHDataset: {len(patient_ids)} patient_ids for {n} ids")
+        self.rows = np.arange(n) if rows is None else np.asarray(rows, dtype=np.int64)
+        if self.rows.shape != (n,) or (n and (self.rows.min() < 0 or self.rows.max() >= len(images))):
+            raise ValueError(f"NIHDataset: rows must be {n} indices into the {len(images)} images")
+        self.images = images
+        self.ids = list(ids)
+        self.patient_ids = [str(p) for p in patient_ids]
+        self.image_size = int(images.shape[1])
+        if boxes is None:
+            boxes = np.full((n, NUM_FINDINGS, 4), np.nan, np.float32)
+        boxes = np.asarray(boxes, dtype=np.float32)
+        if boxes.shape != (n, NUM_FINDINGS, 4):
+            raise ValueError(f"NIHDataset: boxes must be [{n}, {NUM_FINDINGS}, 4], got {boxes.shape}")
+        if original_sizes is None:
+            original_sizes = np.full((n, 2), DEFAULT_ORIGINAL_SIZE)
+        original_sizes = np.asarray(original_sizes, dtype=np.float32)
+        if original_sizes.shape != (n, 2) or (original_sizes <= 0).any():
+            raise ValueError(f"NIHDataset: original_sizes must be [{n}, 2] positive (width, height), got {original_sizes.shape}")
+        # Boxes in pixels of the S x S image: x and w scale with width, y and h with height.
+        scale = self.image_size / original_sizes  # [N, 2]
+        self.boxes = boxes * np.concatenate([scale, scale], axis=1)[:, None, :]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        image = np.asarray(self.images[self.rows[i]], dtype=np.float32) / 255.0
+        return {
+            "image": torch.from_numpy(image)[None],
+            "labels": torch.from_numpy(self.labels[i].copy()),
+            "boxes": torch.from_numpy(self.boxes[i].copy()),
+            "id": self.ids[i],
+            "patient_id": self.patient_ids[i],
+        }
+
+    # A memory map pickled by value would copy the whole cache into every
+    # spawned DataLoader worker; send its file name and reopen it instead.
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        images = self.images
+        # Only a whole-file map (base is the mmap itself) can be reopened from its name alone.
+        if isinstance(images, np.memmap) and images.filename is not None and isinstance(images.base, mmap.mmap):
+            state["images"] = ("memmap", images.filename, images.shape, images.offset)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        images = state["images"]
+        if isinstance(images, tuple) and images[0] == "memmap":
+            _, filename, shape, offset = images
+            state["images"] = np.memmap(filename, dtype=np.uint8, mode="r", shape=shape, offset=offset)
+        self.__dict__.update(state)
+
+    @classmethod
+    def from_root(
+        cls,
+        root: str | Path,
+        split: str,
+        image_size: int,
+        cache_dir: str | Path | None = None,
+        val_fraction: float = 0.1,
+        test_fraction: float = 0.2,
+        seed: int = 0,
+        on_error: str = "raise",
+        boxes_only: bool = False,
+    ) -> NIHDataset:
+        """The ``split`` of the NIH folder ``root`` at ``image_size`` pixels.
+
+        Reads the metadata, makes the splits (official lists when present),
+        finds the image files, decodes them once into the cache under
+        ``cache_dir`` (default: :func:`default_cache_dir`) and attaches the
+        boxes. ``boxes_only`` keeps only images with at least one radiologist
+        box (the localisation test set). Problems raise DataError, or with
+        ``on_error="skip"`` are left out and summarised in the log.
+        """
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        if int(image_size) < 1:
+            raise ValueError(f"data.image_size must be >= 1, got {image_size}")
+        root = _check_root(root)
+        problems = ProblemLog(on_error)
+        entries = _load_entries(root, problems)
+        names = make_splits(root, entries, val_fraction, test_fraction, seed, problems=problems)[split]
+        # Boxes are optional for training, required for the localisation set.
+        boxes = read_bboxes(root) if boxes_only or _find_file(root, [BBOX_NAME]) else None
+        if boxes_only:
+            with_box = set(boxes["image"])
+            names = [n for n in names if n in with_box]
+        paths = find_images(root, names, problems)
+        names = [n for n in names if n in paths]
+        images, valid = build_cache(
+            [paths[n] for n in names], int(image_size), Path(cache_dir) if cache_dir else default_cache_dir(root), problems
+        )
+        rows = np.flatnonzero(valid)
+        kept = [names[r] for r in rows]
+        sel = entries.set_index("image").loc[kept] if kept else entries.iloc[:0].set_index("image")
+        problems.log_summary()
+        log.info("NIH %s split: %d images of %d patients", split, len(kept), sel["patient_id"].nunique())
+        return cls(
+            images,
+            labels=sel[list(FINDINGS)].to_numpy(np.float32),
+            ids=kept,
+            patient_ids=sel["patient_id"].tolist(),
+            boxes=_box_array(boxes, kept),
+            original_sizes=sel[["width", "height"]].to_numpy(np.float32),
+            rows=rows,
+        )
