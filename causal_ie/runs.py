@@ -54,6 +54,9 @@ def run_task(task: Callable[[DictConfig], tuple[dict, dict]], cfg: DictConfig) -
     name = cfg.get("optimized_metric")
     if not name:
         return None
+    from causal_ie.report import flatten  # nested results -> dotted names
+
+    metrics = flatten(metrics)
     if name not in metrics:
         raise KeyError(f"optimized_metric={name!r} is not among the metrics: {sorted(metrics)}")
     return float(metrics[name])
