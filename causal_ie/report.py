@@ -1,0 +1,281 @@
+"""Run reports: results.json, report.md with PNG figures, and sweep summaries.
+
+`python -m causal_ie.report summarize <multirun dir>` turns every run of a
+Hydra multirun into one row of a table (the swept overrides beside the
+metrics) and plots the metrics against each swept setting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # figures are files; no display needed
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import yaml  # noqa: E402
+from matplotlib.patches import Rectangle  # noqa: E402
+
+from causal_ie.io import atomic_write_json, atomic_write_text  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+RESULTS_FILE = "results.json"
+
+
+# -- results --------------------------------------------------------------------
+def flatten(results: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested results -> {"localisation.ce.pointing_game": value, ...}."""
+    flat: dict[str, Any] = {}
+    for key, value in results.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def write_results(out_dir: str | Path, results: Mapping[str, Any]) -> Path:
+    """Write ``results.json`` (nested; see DESIGN section 4 for the keys) atomically."""
+    return atomic_write_json(Path(out_dir) / RESULTS_FILE, results)
+
+
+# -- figures --------------------------------------------------------------------
+def _draw_box(ax, box: Sequence[float], color: str = "lime") -> None:
+    if box is None or any(math.isnan(float(v)) for v in box):
+        return
+    x, y, w, h = (float(v) for v in box)
+    # boxes are in pixel-edge coordinates; imshow puts pixel centres at integers
+    ax.add_patch(Rectangle((x - 0.5, y - 0.5), w, h, fill=False, edgecolor=color, linewidth=1.5))
+
+
+def plot_examples(examples: Sequence[Mapping[str, Any]], methods: Sequence[str], path: str | Path) -> Path:
+    """One row per (image, finding): the image with its box, then each method's map.
+
+    Maps are shown with a symmetric diverging scale when they have both signs
+    (CE can be negative: an intervention that raises the prediction), else 0..max.
+    """
+    rows, cols = len(examples), 1 + len(methods)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.1 * cols, 2.2 * rows), squeeze=False)
+    for r, ex in enumerate(examples):
+        ax = axes[r, 0]
+        ax.imshow(ex["image"], cmap="gray", vmin=0, vmax=1)
+        _draw_box(ax, ex["box"])
+        ax.set_title(f"{ex['finding']}\np={ex['prob']:.2f}", fontsize=8)
+        for c, method in enumerate(methods, start=1):
+            ax = axes[r, c]
+            m = np.asarray(ex["maps"][method], dtype=float)
+            lo, hi = float(m.min()), float(m.max())
+            if lo < 0 < hi:
+                v = max(-lo, hi)
+                im = ax.imshow(m, cmap="RdBu_r", vmin=-v, vmax=v)
+            else:
+                im = ax.imshow(m, cmap="inferno", vmin=min(lo, 0), vmax=hi if hi > lo else lo + 1e-8)
+            ax.imshow(ex["image"], cmap="gray", alpha=0.25, vmin=0, vmax=1)
+            _draw_box(ax, ex["box"])
+            fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02).ax.tick_params(labelsize=5)
+            if r == 0:
+                ax.set_title(method, fontsize=9)
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_method_scores(results: Mapping[str, Any], path: str | Path) -> Path | None:
+    """Bars per method: pointing game, energy pointing game, deletion and insertion AUC."""
+    loc = results.get("localisation", {})
+    faith = results.get("faithfulness", {})
+    methods = list(loc) or list(faith)
+    if not methods:
+        return None
+    scores = {
+        "pointing game ↑": [loc.get(m, {}).get("pointing_game", np.nan) for m in methods],
+        "energy pointing game ↑": [loc.get(m, {}).get("energy_pointing_game", np.nan) for m in methods],
+        "deletion AUC ↓": [faith.get(m, {}).get("deletion_auc", np.nan) for m in methods],
+        "insertion AUC ↑": [faith.get(m, {}).get("insertion_auc", np.nan) for m in methods],
+    }
+    fig, axes = plt.subplots(1, len(scores), figsize=(3.2 * len(scores), 3), squeeze=False)
+    for ax, (title, vals) in zip(axes[0], scores.items()):
+        ax.bar(range(len(methods)), vals, color=["tab:red" if m.startswith("ce") else "tab:gray" for m in methods])
+        ax.set_xticks(range(len(methods)), methods, rotation=45, ha="right", fontsize=8)
+        ax.set_title(title, fontsize=9)
+        ax.set_ylim(0, 1)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def _save(fig, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+# -- report.md ------------------------------------------------------------------
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return "nan" if math.isnan(v) else f"{v:.3f}"
+    return str(v)
+
+
+def method_table(results: Mapping[str, Any], thresholds: Sequence[float] = (0.1, 0.3, 0.5, 0.7)) -> str:
+    """Markdown table: localisation and faithfulness per explanation method."""
+    loc = results.get("localisation", {})
+    faith = results.get("faithfulness", {})
+    cols = ["pointing_game", "energy_pointing_game"] + [f"iobb@{t:.1f}" for t in thresholds] + [
+        f"iou@{t:.1f}" for t in thresholds
+    ]
+    header = ["method", *cols, "deletion_auc", "insertion_auc"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for m in dict.fromkeys([*loc, *faith]):
+        row = [m] + [_fmt(loc.get(m, {}).get(c, float("nan"))) for c in cols]
+        row += [_fmt(faith.get(m, {}).get(c, float("nan"))) for c in ("deletion_auc", "insertion_auc")]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def write_report(
+    out_dir: str | Path,
+    results: Mapping[str, Any],
+    figures: Mapping[str, str | Path],
+    title: str = "causal-ie evaluation",
+) -> Path:
+    """``report.md`` beside ``results.json``: headline numbers, method table, figures."""
+    out_dir = Path(out_dir)
+    parts = [f"# {title}", ""]
+    meta = results.get("run", {})
+    if meta:
+        parts += ["| setting | value |", "|---|---|"] + [f"| {k} | {_fmt(v)} |" for k, v in meta.items()] + [""]
+    cls = results.get("classification", {})
+    if cls:
+        parts += [f"Classification: mean AUROC {_fmt(cls.get('auroc_mean'))} on {cls.get('num_images', '?')} test images.", ""]
+        per = cls.get("auroc", {})
+        if per:
+            parts += ["| finding | AUROC |", "|---|---|"] + [f"| {k} | {_fmt(v)} |" for k, v in per.items()] + [""]
+    if results.get("localisation") or results.get("faithfulness"):
+        n = results.get("localisation_pairs", "?")
+        parts += [
+            f"## Localisation and faithfulness ({n} image-finding pairs with a box)",
+            "",
+            "Pointing game: share of maps whose maximum lies in the box. IoBB/IoU@T: overlap of the "
+            "boxes around the map's regions above T (min-max normalised map) with the lesion box "
+            "(Wang et al. 2017). Deletion/insertion AUC: prediction of the finding as pixels are "
+            "removed/inserted in map order (lower/higher is better).",
+            "",
+            method_table(results),
+            "",
+        ]
+    for caption, fig in figures.items():
+        rel = Path(fig).relative_to(out_dir) if Path(fig).is_absolute() else Path(fig)
+        parts += [f"### {caption}", "", f"![{caption}]({rel.as_posix()})", ""]
+    return atomic_write_text(out_dir / "report.md", "\n".join(parts))
+
+
+# -- sweep summaries --------------------------------------------------------------
+def collect_sweep(sweep_dir: str | Path) -> pd.DataFrame:
+    """One row per run of a multirun: its overrides (as columns) and flattened results."""
+    sweep_dir = Path(sweep_dir)
+    if not sweep_dir.is_dir():
+        raise FileNotFoundError(f"sweep directory {str(sweep_dir)!r} does not exist")
+    rows = []
+    for run in sorted(p for p in sweep_dir.iterdir() if p.is_dir()):
+        row: dict[str, Any] = {"run": run.name}
+        overrides = run / ".hydra" / "overrides.yaml"
+        if overrides.is_file():
+            for item in yaml.safe_load(overrides.read_text()) or []:
+                key, _, value = str(item).partition("=")
+                row[key.lstrip("+~")] = yaml.safe_load(value) if value else value
+        results = run / RESULTS_FILE
+        if results.is_file():
+            row.update(flatten(json.loads(results.read_text())))
+            row["status"] = "ok"
+        elif (run / "error.txt").is_file():
+            row["status"] = "failed"
+        else:
+            continue  # not a run directory (e.g. .submitit)
+        rows.append(row)
+    if not rows:
+        raise FileNotFoundError(f"no runs with {RESULTS_FILE} or error.txt under {sweep_dir}")
+    return pd.DataFrame(rows)
+
+
+HEADLINE = (
+    "classification.auroc_mean",
+    "localisation.ce.pointing_game",
+    "localisation.gradcam.pointing_game",
+    "faithfulness.ce.deletion_auc",
+    "attack.success_rate",
+    "detection.ce.auroc",
+    "detection.ce.tpr@5fpr",
+)
+
+
+def summarize(sweep_dir: str | Path, metrics: Sequence[str] | None = None) -> dict[str, Path]:
+    """Write ``summary.csv``, ``summary.md`` and ``summary_<param>.png`` into the sweep directory."""
+    sweep_dir = Path(sweep_dir)
+    df = collect_sweep(sweep_dir)
+    metric_cols = [c for c in df.columns if "." in c and c.split(".")[0] in (
+        "classification", "localisation", "faithfulness", "attack", "detection")]
+    params = [c for c in df.columns if c not in metric_cols and c not in ("run", "status")]
+    shown = [m for m in (metrics or HEADLINE) if m in df.columns] or metric_cols[:6]
+    out = {"csv": sweep_dir / "summary.csv", "md": sweep_dir / "summary.md"}
+    atomic_write_text(out["csv"], df.to_csv(index=False))
+    table = df[["run", *params, "status", *shown]]
+    md = ["| " + " | ".join(table.columns) + " |", "|" + "---|" * len(table.columns)]
+    md += ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in table.itertuples(index=False)]
+    atomic_write_text(out["md"], f"# Sweep {sweep_dir.name}\n\n" + "\n".join(md) + "\n")
+    for param in params:
+        values = pd.to_numeric(df[param], errors="coerce")
+        if values.isna().all() or values.nunique() < 2:
+            continue
+        out[f"plot_{param}"] = _plot_against(df.assign(_x=values), param, shown, sweep_dir / f"summary_{param}.png", params)
+    return out
+
+
+def _plot_against(df: pd.DataFrame, param: str, metrics: Sequence[str], path: Path, params: Sequence[str]) -> Path:
+    # one line per combination of the other swept settings
+    others = [p for p in params if p != param]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(3.6 * len(metrics), 3), squeeze=False)
+    groups = df.groupby(others, dropna=False) if others else [((), df)]
+    for key, group in groups:
+        g = group.sort_values("_x")
+        label = ", ".join(f"{o}={v}" for o, v in zip(others, key if isinstance(key, tuple) else (key,))) or None
+        for ax, m in zip(axes[0], metrics):
+            ax.plot(g["_x"], pd.to_numeric(g[m], errors="coerce"), marker="o", label=label)
+    for ax, m in zip(axes[0], metrics):
+        ax.set_xlabel(param)
+        ax.set_title(m, fontsize=8)
+    if others:
+        axes[0, -1].legend(fontsize=6)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m causal_ie.report", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("summarize", help="table + plots of a Hydra multirun directory")
+    s.add_argument("sweep_dir", type=Path)
+    s.add_argument("--metrics", nargs="*", default=None, help="flattened result keys to plot")
+    args = parser.parse_args(argv)
+    outputs = summarize(args.sweep_dir, args.metrics)
+    for kind, path in outputs.items():
+        print(f"{kind}: {path}")
+
+
+if __name__ == "__main__":
+    main()
