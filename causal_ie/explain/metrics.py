@@ -1,0 +1,432 @@
+"""How good an explanation map is: localisation against lesion boxes, and faithfulness.
+
+Conventions shared by every metric here:
+
+* a *map* is a float tensor ``[P, H, W]``, one per (image, finding) pair, larger
+  meaning more important;
+* a *box* is ``[P, 4]`` float ``(x, y, w, h)`` in pixels of the map's
+  resolution, and pixel (row r, col c) belongs to it iff its centre does:
+  ``x <= c + 0.5 < x + w`` and ``y <= r + 0.5 < y + h`` (see :func:`box_masks`).
+
+Every metric is a torchmetrics ``Metric`` whose states are sums
+(``dist_reduce_fx="sum"``): under DDP each process scores its own shard and
+``compute`` adds the shards up, so the result equals a single-process run over
+all pairs. ``update`` takes a whole batch of pairs at once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from skimage.measure import label as label_components
+from torch import Tensor, nn
+from torchmetrics import Metric, MetricCollection
+from torchvision.transforms.functional import gaussian_blur
+
+DEFAULT_THRESHOLDS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
+
+__all__ = [
+    "DEFAULT_THRESHOLDS",
+    "BoxLocalisation",
+    "DeletionInsertion",
+    "EnergyPointingGame",
+    "PairCount",
+    "PointingGame",
+    "blur_baseline",
+    "box_masks",
+    "localisation_metrics",
+]
+
+
+def box_masks(boxes: Tensor, height: int, width: int) -> Tensor:
+    """Pixels inside each ``(x, y, w, h)`` box, as a bool tensor ``[P, height, width]``.
+
+    A pixel is inside when its centre is (``x <= c + 0.5 < x + w``, likewise for
+    rows), so integer boxes cover exactly columns ``x .. x+w-1`` and fractional
+    boxes (e.g. rescaled from another resolution) still get a well defined
+    pixel set. A box with NaNs (no box) covers nothing.
+    """
+    boxes = torch.as_tensor(boxes, dtype=torch.float64).reshape(-1, 4)
+    x, y, w, h = (boxes[:, i, None] for i in range(4))
+    col_centres = torch.arange(width, dtype=torch.float64, device=boxes.device) + 0.5
+    row_centres = torch.arange(height, dtype=torch.float64, device=boxes.device) + 0.5
+    in_cols = (x <= col_centres) & (col_centres < x + w)  # [P, W]
+    in_rows = (y <= row_centres) & (row_centres < y + h)  # [P, H]
+    return in_rows[:, :, None] & in_cols[:, None, :]
+
+
+def _check_maps_and_boxes(maps: Tensor, boxes: Tensor) -> None:
+    if maps.ndim != 3:
+        raise ValueError(f"maps must be [P, H, W], got shape {tuple(maps.shape)}")
+    if boxes.shape != (maps.shape[0], 4):
+        raise ValueError(
+            f"boxes must be [P, 4] with P={maps.shape[0]} (one per map), got shape {tuple(boxes.shape)}"
+        )
+
+
+class PointingGame(Metric):
+    """Share of pairs whose map peaks inside the box (Zhang et al. 2016).
+
+    Ties score the expected hit of a random tie-break: the share of the maximal
+    pixels that lie in the box. A flat (e.g. all-zero) map therefore scores the
+    box's share of the image, like random guessing, rather than a free hit.
+    ``tolerance`` grows the box by that many pixels on every side, forgiving
+    peaks just off a tight annotation.
+    """
+
+    is_differentiable = False
+    higher_is_better = True
+    full_state_update = False
+
+    def __init__(self, tolerance: float = 0, **kwargs):
+        super().__init__(**kwargs)
+        if tolerance < 0:
+            raise ValueError(f"tolerance must be >= 0 pixels, got {tolerance}")
+        self.tolerance = float(tolerance)
+        self.add_state("hits", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("total", torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, maps: Tensor, boxes: Tensor) -> None:
+        _check_maps_and_boxes(maps, boxes)
+        t = self.tolerance
+        grow = torch.tensor([-t, -t, 2 * t, 2 * t], dtype=torch.float64, device=maps.device)
+        grown = boxes.to(maps.device, torch.float64) + grow
+        inside = box_masks(grown, maps.shape[1], maps.shape[2])
+        peak = maps.flatten(1).amax(dim=1)[:, None, None]
+        peaks = (maps == peak).flatten(1)
+        hit = (peaks & inside.flatten(1)).sum(dim=1).double() / peaks.sum(dim=1).clamp(min=1)
+        self.hits += hit.sum().to(self.hits.device)
+        self.total += maps.shape[0]
+
+    def compute(self) -> Tensor:
+        return (self.hits / self.total).float()
+
+
+class EnergyPointingGame(Metric):
+    """Mean share of the map's positive mass inside the box (Score-CAM, Wang et al. 2020).
+
+    Unlike the pointing game it rewards maps that concentrate *all* their
+    energy on the lesion, not just their peak. Negative values are evidence
+    against the finding, not importance, so only the positive part counts; a
+    map without positive mass scores 0.
+    """
+
+    is_differentiable = False
+    higher_is_better = True
+    full_state_update = False
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.add_state("energy_sum", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("total", torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, maps: Tensor, boxes: Tensor) -> None:
+        _check_maps_and_boxes(maps, boxes)
+        positive = maps.to(torch.float64).clamp(min=0)
+        inside = box_masks(boxes.to(maps.device), maps.shape[1], maps.shape[2])
+        mass = positive.flatten(1).sum(dim=1)
+        mass_inside = (positive * inside).flatten(1).sum(dim=1)
+        share = torch.where(mass > 0, mass_inside / mass.clamp(min=torch.finfo(torch.float64).tiny), 0.0)
+        self.energy_sum += share.sum().to(self.energy_sum.device)
+        self.total += maps.shape[0]
+
+    def compute(self) -> Tensor:
+        return (self.energy_sum / self.total).float()
+
+
+def _largest_component_box(binary: np.ndarray) -> tuple[int, int, int, int]:
+    """``(row0, row1, col0, col1)`` (inclusive) bounding the largest 8-connected component.
+
+    Equal-sized components: the first in raster order (skimage's label order).
+    """
+    labels = label_components(binary, connectivity=2)
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0  # background
+    rows, cols = np.nonzero(labels == int(sizes.argmax()))
+    return int(rows.min()), int(rows.max()), int(cols.min()), int(cols.max())
+
+
+class BoxLocalisation(Metric):
+    """Box accuracy of the ChestX-ray8 protocol (Wang et al. 2017).
+
+    Per pair the map is min-max normalised and binarised at ``map_threshold``
+    (pixels ``>=`` it); the predicted box bounds the largest 8-connected
+    component (a constant map binarises to the whole image). Against the
+    ground-truth box (as pixel sets, :func:`box_masks`) we take IoU and
+    IoBB = |pred ∩ gt| / |pred|, the latter forgiving a predicted box that
+    sits inside a loose annotation. For each T the accuracy is the share of
+    pairs with IoU > T (``iou@T``) and IoBB > T (``iobb@T``), strictly
+    greater as in the paper; ``iou_mean``/``iobb_mean`` average the raw values.
+
+    Connected components need skimage, i.e. the CPU; the overlaps are
+    exact integer counts compared in float64, so a ratio exactly equal to T
+    is never counted as above it by rounding.
+    """
+
+    is_differentiable = False
+    higher_is_better = True
+    full_state_update = False
+
+    def __init__(
+        self,
+        thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
+        map_threshold: float = 0.5,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.thresholds = tuple(float(t) for t in thresholds)
+        if not self.thresholds:
+            raise ValueError("BoxLocalisation needs at least one IoU/IoBB threshold")
+        if not 0.0 <= map_threshold <= 1.0:
+            raise ValueError(
+                f"map_threshold must be in [0, 1] (maps are min-max normalised), got {map_threshold}"
+            )
+        self.map_threshold = float(map_threshold)
+        n = len(self.thresholds)
+        self.add_state("iou_hits", torch.zeros(n, dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("iobb_hits", torch.zeros(n, dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("iou_sum", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("iobb_sum", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("total", torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
+
+    def predicted_masks(self, maps: Tensor) -> Tensor:
+        """The predicted box of every map as a bool pixel mask ``[P, H, W]`` (on the CPU)."""
+        maps = maps.detach().to("cpu", torch.float64)
+        low = maps.flatten(1).amin(dim=1)[:, None, None]
+        high = maps.flatten(1).amax(dim=1)[:, None, None]
+        span = high - low
+        tiny = torch.finfo(torch.float64).tiny
+        normalised = torch.where(span > 0, (maps - low) / span.clamp(min=tiny), 1.0)
+        binary = (normalised >= self.map_threshold).numpy()
+        pred = torch.zeros(maps.shape, dtype=torch.bool)
+        for p in range(maps.shape[0]):
+            r0, r1, c0, c1 = _largest_component_box(binary[p])
+            pred[p, r0 : r1 + 1, c0 : c1 + 1] = True
+        return pred
+
+    def update(self, maps: Tensor, boxes: Tensor) -> None:
+        _check_maps_and_boxes(maps, boxes)
+        pred = self.predicted_masks(maps)
+        gt = box_masks(boxes.detach().cpu(), maps.shape[1], maps.shape[2])
+        inter = (pred & gt).flatten(1).sum(dim=1).double()
+        union = (pred | gt).flatten(1).sum(dim=1).double()
+        pred_area = pred.flatten(1).sum(dim=1).double()  # >= 1: the peak is always in
+        iou = inter / union
+        iobb = inter / pred_area
+        thresholds = torch.tensor(self.thresholds, dtype=torch.float64)
+        device = self.total.device
+        self.iou_hits += (iou[:, None] > thresholds).sum(dim=0).to(device)
+        self.iobb_hits += (iobb[:, None] > thresholds).sum(dim=0).to(device)
+        self.iou_sum += iou.sum().to(device)
+        self.iobb_sum += iobb.sum().to(device)
+        self.total += maps.shape[0]
+
+    def compute(self) -> dict[str, Tensor]:
+        total = self.total.double()
+        result: dict[str, Tensor] = {}
+        for i, t in enumerate(self.thresholds):
+            result[f"iobb@{t:g}"] = (self.iobb_hits[i] / total).float()
+        for i, t in enumerate(self.thresholds):
+            result[f"iou@{t:g}"] = (self.iou_hits[i] / total).float()
+        result["iobb_mean"] = (self.iobb_sum / total).float()
+        result["iou_mean"] = (self.iou_sum / total).float()
+        return result
+
+
+class PairCount(Metric):
+    """How many (map, box) pairs were scored, summed over processes.
+
+    Reported beside the rates so a reader can tell 0.5 of 2 pairs from 0.5 of 2000.
+    """
+
+    is_differentiable = False
+    full_state_update = False
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.add_state("total", torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, maps: Tensor, boxes: Tensor | None = None) -> None:
+        self.total += maps.shape[0]
+
+    def compute(self) -> Tensor:
+        return self.total.clone()
+
+
+def localisation_metrics(
+    thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
+    map_threshold: float = 0.5,
+    tolerance: float = 0,
+) -> MetricCollection:
+    """All localisation scores of one explainer, behind one ``update(maps, boxes)``.
+
+    ``compute()`` gives a flat dict: ``pointing_game``, ``energy_pointing_game``,
+    ``iobb@T``/``iou@T`` for each threshold, ``iobb_mean``, ``iou_mean`` and
+    ``pairs``. Compute groups are off: the metrics share no states.
+    """
+    return MetricCollection(
+        {
+            "pointing_game": PointingGame(tolerance=tolerance),
+            "energy_pointing_game": EnergyPointingGame(),
+            "box": BoxLocalisation(thresholds=thresholds, map_threshold=map_threshold),
+            "pairs": PairCount(),
+        },
+        compute_groups=False,
+    )
+
+
+def blur_kernel_size(size: int) -> int:
+    """An odd kernel of about a quarter of the image side (at least 3)."""
+    return max(3, (size // 4) | 1)
+
+
+def blur_baseline(images: Tensor) -> Tensor:
+    """Heavily blurred images: the "removed" pixels of deletion/insertion.
+
+    Blurring (RISE, Petsiuk et al. 2018) removes the local detail a lesion is
+    made of while keeping the image's overall intensity, so the classifier
+    sees fewer out-of-distribution artefacts than with a black fill. The
+    kernel is the odd size nearest above a quarter of each image side
+    (:func:`blur_kernel_size`), with sigma = kernel / 4 so the Gaussian is not
+    cut off much by the kernel's ends; the borders are reflected.
+    """
+    kernel_x = blur_kernel_size(images.shape[-1])
+    kernel_y = blur_kernel_size(images.shape[-2])
+    return gaussian_blur(images, kernel_size=[kernel_x, kernel_y], sigma=[kernel_x / 4, kernel_y / 4])
+
+
+class DeletionInsertion(Metric):
+    """Faithfulness as deletion and insertion AUC (RISE, Petsiuk et al. 2018).
+
+    Pixels are ranked by the map (descending; stable, so ties keep raster
+    order). At steps s = 0..n_steps the first ``round(s * H * W / n_steps)``
+    pixels are *deleted* (replaced by the baseline image) from the image, or
+    *inserted* (copied from the image) into the baseline, and the
+    classifier's probability of the pair's finding is recorded. The AUC is
+    the trapezoidal area under probability vs. the fraction of pixels
+    changed, from 0 to 1. A faithful map has low deletion AUC (the
+    probability collapses once its top pixels are gone) and high insertion
+    AUC.
+
+    ``baseline``: ``"blur"`` (:func:`blur_baseline`), ``"zero"`` or a constant.
+    All steps of all pairs go through the classifier in batches of at most
+    ``batch_size`` images, without gradients.
+
+    The classifier is held outside the module tree: the evaluating
+    LightningModule owns it, and registering it here would duplicate its
+    weights in this metric's ``state_dict`` and move it with the metric.
+    """
+
+    is_differentiable = False
+    higher_is_better = None  # lower deletion, higher insertion
+    full_state_update = False
+
+    def __init__(
+        self,
+        classifier: nn.Module,
+        n_steps: int = 10,
+        baseline: str | float = "blur",
+        batch_size: int = 128,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        if n_steps < 1:
+            raise ValueError(f"n_steps must be >= 1, got {n_steps}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self._classifier = [classifier]  # a list: not a submodule (see class docstring)
+        self.n_steps = int(n_steps)
+        self.baseline = self._check_baseline(baseline)
+        self.batch_size = int(batch_size)
+        self.add_state("deletion_sum", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("insertion_sum", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("total", torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
+
+    @staticmethod
+    def _check_baseline(baseline: str | float) -> str | float:
+        if isinstance(baseline, str) and baseline.lower() in ("blur", "zero"):
+            return baseline.lower()
+        try:
+            return float(baseline)
+        except (TypeError, ValueError):
+            raise ValueError(f"baseline must be 'blur', 'zero' or a number, got {baseline!r}") from None
+
+    @property
+    def classifier(self) -> nn.Module:
+        return self._classifier[0]
+
+    def baseline_images(self, images: Tensor) -> Tensor:
+        """What deleted pixels become (and what insertion starts from)."""
+        if self.baseline == "blur":
+            return blur_baseline(images)
+        if self.baseline == "zero":
+            return torch.zeros_like(images)
+        return torch.full_like(images, self.baseline)
+
+    def pixel_counts(self, num_pixels: int) -> list[int]:
+        """Pixels changed at each step: ``round(s * num_pixels / n_steps)``, s = 0..n_steps."""
+        return [round(s * num_pixels / self.n_steps) for s in range(self.n_steps + 1)]
+
+    def _classifier_device(self, fallback: torch.device) -> torch.device:
+        param = next(self.classifier.parameters(), None)
+        return fallback if param is None else param.device
+
+    @torch.no_grad()
+    def curves(self, images: Tensor, maps: Tensor, finding_idx: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``(fractions [S+1], deletion [P, S+1], insertion [P, S+1])`` probability curves."""
+        num_pairs, _, height, width = images.shape
+        if maps.shape != (num_pairs, height, width):
+            raise ValueError(
+                f"maps must be [P, H, W] = {(num_pairs, height, width)} to match images "
+                f"{tuple(images.shape)}, "
+                f"got {tuple(maps.shape)}"
+            )
+        if finding_idx.shape != (num_pairs,):
+            raise ValueError(f"finding_idx must be [P] with P={num_pairs}, got {tuple(finding_idx.shape)}")
+        device = self._classifier_device(images.device)
+        images = images.detach().to(device)
+        baselines = self.baseline_images(images)
+        order = torch.argsort(maps.detach().to(device).flatten(1), dim=1, descending=True, stable=True)
+        # rank[p, i]: position of pixel i in pair p's order (0 = most important)
+        rank = torch.empty_like(order)
+        rank.scatter_(1, order, torch.arange(height * width, device=device).expand_as(order))
+        counts = torch.tensor(self.pixel_counts(height * width), device=device)
+        finding_idx = finding_idx.to(device)
+        deletion = self._probabilities(images, baselines, rank, counts, finding_idx)
+        insertion = self._probabilities(baselines, images, rank, counts, finding_idx)
+        fractions = counts.double() / (height * width)
+        return fractions, deletion, insertion
+
+    def _probabilities(
+        self, start: Tensor, fill: Tensor, rank: Tensor, counts: Tensor, finding_idx: Tensor
+    ) -> Tensor:
+        """P(finding) for every pair and step, where step s replaces the top ``counts[s]``
+        pixels of ``start`` by ``fill``; built and scored ``batch_size`` images at a time."""
+        num_pairs, channels, height, width = start.shape
+        num_steps = counts.numel()
+        probs = torch.empty(num_pairs * num_steps, dtype=torch.float64, device=start.device)
+        for begin in range(0, num_pairs * num_steps, self.batch_size):
+            end = min(begin + self.batch_size, num_pairs * num_steps)
+            job = torch.arange(begin, end, device=start.device)
+            pair, step = job // num_steps, job % num_steps
+            changed = (rank[pair] < counts[step, None]).view(-1, 1, height, width)
+            batch = torch.where(changed, fill[pair], start[pair])
+            logits = self.classifier(batch)
+            rows = torch.arange(len(job), device=logits.device)
+            probs[job] = logits[rows, finding_idx[pair]].sigmoid().double()
+        return probs.view(num_pairs, num_steps)
+
+    def update(self, images: Tensor, maps: Tensor, finding_idx: Tensor) -> None:
+        fractions, deletion, insertion = self.curves(images, maps, finding_idx)
+        device = self.total.device
+        self.deletion_sum += torch.trapezoid(deletion, fractions, dim=1).sum().to(device)
+        self.insertion_sum += torch.trapezoid(insertion, fractions, dim=1).sum().to(device)
+        self.total += images.shape[0]
+
+    def compute(self) -> dict[str, Tensor]:
+        return {
+            "deletion_auc": (self.deletion_sum / self.total).float(),
+            "insertion_auc": (self.insertion_sum / self.total).float(),
+        }
