@@ -1,0 +1,193 @@
+"""CE explainers behind one call signature, built from the ``mask`` / ``latent`` Hydra configs.
+
+An explainer maps (model, images, pairs of image and finding) to one map per
+pair. All findings of an image come from the same interventions, so each
+explainer computes every finding once for the distinct images of the pairs and
+then selects: asking for five findings of one image costs one run.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from torch import Tensor, nn
+
+from causal_ie.interventions import causal_effect, latent_map, superpixel_effect
+from causal_ie.interventions.engine import to_model
+
+
+@runtime_checkable
+class Explainer(Protocol):
+    """``kind`` names the method (``patch``, ``pixel``, ``superpixel``, ``latent``, a CAM, ...)."""
+
+    kind: str
+
+    def __call__(self, model: nn.Module, images: Tensor, img_idx: Tensor, finding_idx: Tensor) -> Tensor:
+        """Maps [P, H, W]: the map of finding ``finding_idx[p]`` for image ``images[img_idx[p]]``."""
+
+    def all_findings(self, model: nn.Module, images: Tensor) -> Tensor:
+        """Maps [B, K, H, W] of every finding (K = 1 for single-channel outcomes such as ``ece``)."""
+
+
+class CEExplainer:
+    """Shared by the CE explainers: pair selection and device handling.
+
+    Subclasses implement :meth:`_maps` (images on the model's device -> [B, K, H, W]).
+    With a single-channel outcome (``ece``) every pair gets that one map.
+    """
+
+    kind = "ce"
+
+    def __call__(self, model: nn.Module, images: Tensor, img_idx: Tensor, finding_idx: Tensor) -> Tensor:
+        img_idx = torch.as_tensor(img_idx, dtype=torch.long, device=images.device).flatten()
+        finding_idx = torch.as_tensor(finding_idx, dtype=torch.long, device=images.device).flatten()
+        if img_idx.shape != finding_idx.shape:
+            raise ValueError(f"img_idx and finding_idx must pair up, got {img_idx.numel()} and {finding_idx.numel()}")
+        if img_idx.numel() == 0:
+            return images.new_zeros((0, *images.shape[-2:]))
+        distinct, position = torch.unique(img_idx, return_inverse=True)
+        maps = self.all_findings(model, images.index_select(0, distinct))
+        channel = finding_idx if maps.shape[1] > 1 else torch.zeros_like(finding_idx)
+        if int(channel.max()) >= maps.shape[1] or int(channel.min()) < 0:
+            raise ValueError(f"finding_idx must lie in [0, {maps.shape[1]}), got {finding_idx.tolist()}")
+        return maps[position, channel]
+
+    def all_findings(self, model: nn.Module, images: Tensor) -> Tensor:
+        return self._maps(model, to_model(model, images)).to(images.device)
+
+    def _maps(self, model: nn.Module, images: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
+        return f"{type(self).__name__}({args})"
+
+
+class _PixelBaselineMixin:
+    """Baseline options of the pixel-space explainers (see ``make_baseline``)."""
+
+    baseline: Any
+    baseline_value: float
+    noise_samples: int
+    seed: int | None
+
+    def _baseline_kwargs(self, device: torch.device) -> dict[str, Any]:
+        generator = None
+        if self.seed is not None:
+            generator = torch.Generator(device=device).manual_seed(int(self.seed))
+        return dict(
+            baseline=self.baseline,
+            baseline_value=self.baseline_value,
+            noise_samples=self.noise_samples,
+            generator=generator,
+        )
+
+
+class PatchCE(_PixelBaselineMixin, CEExplainer):
+    """Sliding-window CE (``conf/mask/patch.yaml``; ``size=1, stride=1`` is pixel-wise CE).
+
+    ``seed`` makes the ``noise`` baseline reproducible (a fresh generator per call).
+    """
+
+    def __init__(
+        self,
+        size: int = 8,
+        stride: int = 4,
+        baseline: str | float = "zero",
+        baseline_value: float = 1.0,
+        noise_samples: int = 8,
+        outcome: str = "prob",
+        batch_size: int | None = 64,
+        seed: int | None = None,
+        progress: bool = False,
+    ):
+        self.size, self.stride = size, stride
+        self.baseline, self.baseline_value, self.noise_samples = baseline, baseline_value, noise_samples
+        self.outcome, self.batch_size, self.seed, self.progress = outcome, batch_size, seed, progress
+        self.kind = "pixel" if size in (1, (1, 1), [1, 1]) else "patch"
+
+    def _maps(self, model: nn.Module, images: Tensor) -> Tensor:
+        return causal_effect(
+            model,
+            images,
+            window=_int_or_pair(self.size),
+            stride=_int_or_pair(self.stride),
+            outcome=self.outcome,
+            batch_size=self.batch_size,
+            progress=self.progress,
+            **self._baseline_kwargs(images.device),
+        )
+
+
+class SuperpixelCE(_PixelBaselineMixin, CEExplainer):
+    """CE of SLIC superpixels (``conf/mask/superpixel.yaml``)."""
+
+    kind = "superpixel"
+
+    def __init__(
+        self,
+        n_segments: int = 64,
+        compactness: float = 0.1,
+        baseline: str | float = "zero",
+        baseline_value: float = 1.0,
+        noise_samples: int = 8,
+        outcome: str = "prob",
+        batch_size: int | None = 64,
+        seed: int | None = None,
+        progress: bool = False,
+    ):
+        self.n_segments, self.compactness = n_segments, compactness
+        self.baseline, self.baseline_value, self.noise_samples = baseline, baseline_value, noise_samples
+        self.outcome, self.batch_size, self.seed, self.progress = outcome, batch_size, seed, progress
+
+    def _maps(self, model: nn.Module, images: Tensor) -> Tensor:
+        maps, _ = superpixel_effect(
+            model,
+            images,
+            n_segments=self.n_segments,
+            compactness=self.compactness,
+            outcome=self.outcome,
+            batch_size=self.batch_size,
+            progress=self.progress,
+            **self._baseline_kwargs(images.device),
+        )
+        return maps
+
+
+class LatentCE(CEExplainer):
+    """CE of interventions on a feature map, as input-size maps (``conf/mask/latent.yaml``;
+    see :func:`causal_ie.interventions.latent_map`)."""
+
+    kind = "latent"
+
+    def __init__(
+        self,
+        layer: str = "auto",
+        mode: str = "spatial",
+        baseline: str | float = "zero",
+        outcome: str = "prob",
+        batch_size: int | None = 64,
+        progress: bool = False,
+    ):
+        self.layer, self.mode, self.baseline = layer, mode, baseline
+        self.outcome, self.batch_size, self.progress = outcome, batch_size, progress
+
+    def _maps(self, model: nn.Module, images: Tensor) -> Tensor:
+        return latent_map(
+            model,
+            images,
+            layer=self.layer,
+            mode=self.mode,
+            baseline=self.baseline,
+            outcome=self.outcome,
+            batch_size=self.batch_size,
+            progress=self.progress,
+        )
+
+
+def _int_or_pair(value: Any) -> int | tuple[int, int]:
+    """Hydra hands lists (ListConfig or list) for pairs; the engine wants int or tuple."""
+    if isinstance(value, int | bool):
+        return value
+    return tuple(value)  # type: ignore[return-value]

@@ -1,0 +1,61 @@
+"""Interventions do(X_R = b) and their causal effects on all findings of a classifier.
+
+- :func:`causal_effect`: sliding-window CE maps (Captum ``Occlusion``'s placement);
+- :func:`superpixel_effect`: CE of SLIC superpixels;
+- :func:`mask_effect`: CE of arbitrary binary masks;
+- :func:`latent_effect` / :func:`latent_map`: CE of interventions on a feature map
+  inside the network (:class:`LatentSplit` cuts the network with torch.fx).
+
+``engine`` runs any family of regions in batches; ``windows``, ``superpixel`` and
+``latent`` define the regions; ``baselines`` what a region is replaced by.
+"""
+
+from causal_ie.interventions.baselines import BASELINES, Baseline, blur, make_baseline
+from causal_ie.interventions.engine import (
+    OUTCOMES,
+    MaskRegions,
+    Regions,
+    causal_effect,
+    mask_effect,
+    outcome_effect,
+    outcome_values,
+    region_effects,
+)
+from causal_ie.interventions.latent import (
+    LatentSpace,
+    LatentSplit,
+    auto_layer,
+    latent_effect,
+    latent_map,
+    latent_split,
+    resolve_layer,
+)
+from causal_ie.interventions.superpixel import SegmentRegions, slic_segments, superpixel_effect
+from causal_ie.interventions.windows import WindowGrid, window_offsets
+
+__all__ = [
+    "BASELINES",
+    "OUTCOMES",
+    "Baseline",
+    "LatentSpace",
+    "LatentSplit",
+    "MaskRegions",
+    "Regions",
+    "SegmentRegions",
+    "WindowGrid",
+    "auto_layer",
+    "blur",
+    "causal_effect",
+    "latent_effect",
+    "latent_map",
+    "latent_split",
+    "make_baseline",
+    "mask_effect",
+    "outcome_effect",
+    "outcome_values",
+    "region_effects",
+    "resolve_layer",
+    "slic_segments",
+    "superpixel_effect",
+    "window_offsets",
+]
