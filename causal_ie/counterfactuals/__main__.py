@@ -1,0 +1,21 @@
+"""Sparse visual counterfactuals of a trained classifier: `python -m causal_ie.counterfactuals [overrides]`."""
+
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+from causal_ie.counterfactuals.command import run_counterfactuals
+from causal_ie.runs import run_task
+
+# the repository's conf/ (the package is installed in place, beside it)
+CONF = str(Path(__file__).resolve().parents[2] / "conf")
+
+
+@hydra.main(version_base="1.3", config_path=CONF, config_name="counterfactuals")
+def main(cfg: DictConfig) -> float | None:
+    return run_task(run_counterfactuals, cfg)
+
+
+if __name__ == "__main__":
+    main()
