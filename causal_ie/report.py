@@ -230,7 +230,9 @@ def summarize(sweep_dir: str | Path, metrics: Sequence[str] | None = None) -> di
     df = collect_sweep(sweep_dir)
     metric_cols = [c for c in df.columns if "." in c and c.split(".")[0] in (
         "classification", "localisation", "faithfulness", "attack", "detection")]
-    params = [c for c in df.columns if c not in metric_cols and c not in ("run", "status")]
+    # the swept settings: overrides whose value differs between runs (shared ones add nothing)
+    overrides = [c for c in df.columns if c not in metric_cols and c not in ("run", "status")]
+    params = [c for c in overrides if df[c].astype(str).nunique() > 1] or overrides[:1]
     shown = [m for m in (metrics or HEADLINE) if m in df.columns] or metric_cols[:6]
     out = {"csv": sweep_dir / "summary.csv", "md": sweep_dir / "summary.md"}
     atomic_write_text(out["csv"], df.to_csv(index=False))
@@ -250,7 +252,8 @@ def _plot_against(df: pd.DataFrame, param: str, metrics: Sequence[str], path: Pa
     # one line per combination of the other swept settings
     others = [p for p in params if p != param]
     fig, axes = plt.subplots(1, len(metrics), figsize=(3.6 * len(metrics), 3), squeeze=False)
-    groups = df.groupby(others, dropna=False) if others else [((), df)]
+    keys = df[others].astype(str) if others else None  # lists etc. are not hashable
+    groups = df.groupby([keys[o] for o in others], dropna=False) if others else [((), df)]
     for key, group in groups:
         g = group.sort_values("_x")
         label = ", ".join(f"{o}={v}" for o, v in zip(others, key if isinstance(key, tuple) else (key,))) or None

@@ -63,3 +63,19 @@ def test_chexnet_experiment_recipe(tmp_path):
     assert cfg.model.pretrained is True
     assert cfg.data.source == "nih" and cfg.data.image_size == 224 and cfg.data.batch_size == 16
     assert cfg.model.lr == pytest.approx(1e-3)
+
+
+@pytest.mark.parametrize(
+    "config,group,option",
+    [("evaluate", "mask", o) for o in options("mask")]
+    + [("evaluate", "trainer", o) for o in options("trainer")]
+    + [("counterfactuals", "counterfactual", o) for o in options("counterfactual")],
+    ids=lambda v: str(v),
+)
+def test_evaluation_config_groups_compose(config, group, option, tmp_path):
+    cfg = compose_config(config, [f"{group}={option}"], tmp_path)
+    with open_dict(cfg):
+        cfg.pop("hydra")
+    OmegaConf.resolve(cfg)
+    for target in _targets(cfg):
+        assert callable(get_object(target)), target

@@ -1,0 +1,107 @@
+"""`evaluate(cfg)`: CE maps and CAMs of a trained classifier, scored on the test boxes."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from causal_ie.explain.cam import CAMExplainer
+from causal_ie.explain.explainers import Explainer
+from causal_ie.lightning.callbacks import CEMapLogger
+from causal_ie.lightning.evaluation import CEEvaluation
+from causal_ie.models import Classifier
+from causal_ie.report import write_report, write_results
+from causal_ie.runs import instantiate_dict
+
+log = logging.getLogger(__name__)
+
+
+def find_checkpoint(ckpt_path: str | None, search_dirs: list[str | Path]) -> Path:
+    """``ckpt_path`` if given, else the newest ``checkpoints/best.ckpt`` of a train.py run."""
+    if ckpt_path:
+        path = Path(ckpt_path).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"ckpt_path={str(ckpt_path)!r} does not exist")
+        return path
+    found = [p for d in search_dirs if Path(d).is_dir() for p in Path(d).glob("**/checkpoints/best.ckpt")]
+    if not found:
+        raise FileNotFoundError(
+            "no trained classifier found: run `python train.py` first, or pass "
+            f"ckpt_path=/path/to/best.ckpt (searched {[str(d) for d in search_dirs]} for checkpoints/best.ckpt)"
+        )
+    return max(found, key=lambda p: p.stat().st_mtime)
+
+
+def check_compatible(classifier: Classifier, datamodule: L.LightningDataModule, ckpt: Path) -> None:
+    """A checkpoint must predict the data's findings at the data's image size."""
+    findings = tuple(datamodule.findings)
+    if tuple(classifier.findings) != findings:
+        raise ValueError(
+            f"checkpoint {ckpt} predicts {len(classifier.findings)} findings "
+            f"({', '.join(classifier.findings[:4])}, ...) but the data has {len(findings)} "
+            f"({', '.join(findings[:4])}, ...): use a checkpoint trained on this data"
+        )
+    size = classifier.hparams.get("image_size")
+    if size is not None and int(size) != int(datamodule.image_size):
+        raise ValueError(
+            f"checkpoint {ckpt} was trained at image_size={size} but data.image_size="
+            f"{datamodule.image_size}: set data.image_size={size} or use a matching checkpoint"
+        )
+
+
+def build_explainers(cfg: DictConfig) -> dict[str, Explainer]:
+    """``ce`` from the ``mask`` group, ``ce_latent`` from ``latent`` (null: off), and one per CAM."""
+    explainers: dict[str, Explainer] = {}
+    if cfg.get("mask"):
+        explainers["ce"] = instantiate(cfg.mask, _convert_="all")
+    if cfg.get("latent") and getattr(explainers.get("ce"), "kind", None) != "latent":
+        explainers["ce_latent"] = instantiate(cfg.latent, _convert_="all")
+    for method in cfg.get("cams") or []:
+        explainers[method] = CAMExplainer(method)
+    return explainers
+
+
+def evaluate(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Load the classifier, run CEEvaluation over the test split, write results.json + report.md."""
+    L.seed_everything(cfg.seed, workers=True)
+    out_dir = Path(cfg.paths.output_dir)
+    ckpt = find_checkpoint(cfg.get("ckpt_path"), list(cfg.paths.checkpoint_search))
+    classifier = Classifier.load(ckpt)
+    datamodule = instantiate(cfg.data, _convert_="all")
+    check_compatible(classifier, datamodule, ckpt)
+    explainers = build_explainers(cfg)
+    module = CEEvaluation(classifier, explainers, **cfg.evaluation)
+    figures = CEMapLogger(out_dir)
+    loggers = instantiate_dict(cfg.get("logger"))
+    trainer: L.Trainer = instantiate(
+        cfg.trainer, logger=loggers or False, callbacks=[figures, *instantiate_dict(cfg.get("callbacks"))]
+    )
+    trainer.test(module, datamodule=datamodule)
+    results: dict[str, Any] = {}
+    if trainer.is_global_zero:
+        results = {
+            "run": {
+                "checkpoint": str(ckpt),
+                "data": datamodule.source,
+                "image_size": datamodule.image_size,
+                "mask": getattr(explainers.get("ce"), "kind", "none"),
+                "backbone": classifier.hparams.backbone,
+            },
+            **module.results,
+        }
+        write_results(out_dir, results)
+        write_report(out_dir, results, figures.figures)
+        _print_summary(results, out_dir)
+    return results, {"module": module, "trainer": trainer, "datamodule": datamodule, "figures": figures.figures}
+
+
+def _print_summary(results: dict[str, Any], out_dir: Path) -> None:
+    print(f"test mean AUROC: {results['classification']['auroc_mean']:.4f}")
+    for method, scores in results.get("localisation", {}).items():
+        print(f"pointing game {method:>12}: {scores.get('pointing_game', float('nan')):.3f}")
+    print(f"results: {out_dir / 'results.json'}\nreport:  {out_dir / 'report.md'}")
