@@ -62,7 +62,7 @@ def build_explainers(cfg: DictConfig) -> dict[str, Explainer]:
     if cfg.get("latent") and getattr(explainers.get("ce"), "kind", None) != "latent":
         explainers["ce_latent"] = instantiate(cfg.latent, _convert_="all")
     for method in cfg.get("cams") or []:
-        explainers[method] = CAMExplainer(method)
+        explainers[method] = CAMExplainer(method, target_layer=cfg.get("cam_layer") or "auto")
     return explainers
 
 

@@ -76,6 +76,7 @@ class CEEvaluation(L.LightningModule):
         self.examples: list[dict[str, Any]] = []
         self.results: dict[str, Any] = {}
         self._pairs_seen = torch.zeros((), dtype=torch.long)
+        self._images_seen = torch.zeros((), dtype=torch.long)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(x)
@@ -83,12 +84,14 @@ class CEEvaluation(L.LightningModule):
     def on_test_epoch_start(self) -> None:
         self.examples = []
         self._pairs_seen = torch.zeros((), dtype=torch.long, device=self.device)
+        self._images_seen = torch.zeros((), dtype=torch.long, device=self.device)
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
         images, labels, boxes = batch["image"], batch["labels"], batch["boxes"]
         with torch.no_grad():
             probs = self.classifier(images).sigmoid()
         self.auroc.update(probs, labels.long())
+        self._images_seen += images.shape[0]
         img_idx, finding_idx = box_pairs(labels, boxes)
         if img_idx.numel() == 0:
             return
@@ -135,10 +138,11 @@ class CEEvaluation(L.LightningModule):
             "localisation": {},
             "faithfulness": {},
         }
-        pairs = self._pairs_seen.clone()
+        counts = torch.stack([self._pairs_seen, self._images_seen])
         if self.trainer.world_size > 1:
-            pairs = self.trainer.strategy.reduce(pairs, reduce_op="sum")
-        results["localisation_pairs"] = int(pairs)
+            counts = self.trainer.strategy.reduce(counts, reduce_op="sum")
+        results["localisation_pairs"] = int(counts[0])
+        results["classification"]["num_images"] = int(counts[1])
         for name in self.explainers:
             loc = self.localisation[name]
             results["localisation"][name] = {k: float(v) for k, v in loc.compute().items()}
