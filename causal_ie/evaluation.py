@@ -82,18 +82,18 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         cfg.trainer, logger=loggers or False, callbacks=[figures, *instantiate_dict(cfg.get("callbacks"))]
     )
     trainer.test(module, datamodule=datamodule)
-    results: dict[str, Any] = {}
+    # every rank holds the synced results (so sweepers get the metric); rank 0 writes them
+    results: dict[str, Any] = {
+        "run": {
+            "checkpoint": str(ckpt),
+            "data": datamodule.source,
+            "image_size": datamodule.image_size,
+            "mask": getattr(explainers.get("ce"), "kind", "none"),
+            "backbone": classifier.hparams.backbone,
+        },
+        **module.results,
+    }
     if trainer.is_global_zero:
-        results = {
-            "run": {
-                "checkpoint": str(ckpt),
-                "data": datamodule.source,
-                "image_size": datamodule.image_size,
-                "mask": getattr(explainers.get("ce"), "kind", "none"),
-                "backbone": classifier.hparams.backbone,
-            },
-            **module.results,
-        }
         write_results(out_dir, results)
         write_report(out_dir, results, figures.figures)
         _print_summary(results, out_dir)
