@@ -50,6 +50,18 @@ def compose_config(name: str, overrides: list[str], output_dir: Path) -> DictCon
     return cfg
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """For modules of tiny tensors: on a busy 2-core machine a second OpenMP thread only adds waiting.
+
+    Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def train_cfg(tmp_path):
     """A factory: ``train_cfg(*overrides)`` -> tiny composed train config in tmp_path."""

@@ -12,13 +12,7 @@ from torch import nn
 from causal_ie.counterfactuals import auto_frank_wolfe, checkpoint_schedule, frank_wolfe, lp_norm
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: on a shared, busy CPU a second thread only adds waiting."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_cnn(seed: int = 0, scale: float = 5.0) -> nn.Module:

@@ -20,13 +20,7 @@ from causal_ie.interventions import (
 K = 14
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors gain nothing from threads, and on a busy machine OpenMP threads wait on each other."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_conv(channels: int, seed: int = 0, dtype: torch.dtype = torch.float32) -> nn.Module:

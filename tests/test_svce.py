@@ -25,13 +25,7 @@ SIZE = 16
 BOXES = torch.tensor([[2.0, 3.0, 5.0, 4.0], [9.0, 8.0, 4.0, 6.0], [1.0, 10.0, 6.0, 5.0]])
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: on a shared, busy CPU a second thread only adds waiting."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class BoxModel(nn.Module):
