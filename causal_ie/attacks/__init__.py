@@ -1,0 +1,6 @@
+"""Adversarial examples for multi-label classifiers and their detection from CE maps."""
+
+from causal_ie.attacks.factory import ATTACKS, Adversarial, MultiLabelAttack
+from causal_ie.attacks.wrapper import FindingLogits
+
+__all__ = ["ATTACKS", "Adversarial", "FindingLogits", "MultiLabelAttack"]
