@@ -148,6 +148,64 @@ def method_table(results: Mapping[str, Any], thresholds: Sequence[float] = (0.1,
     return "\n".join(lines)
 
 
+def attack_section(results: Mapping[str, Any]) -> list[str]:
+    """report.md lines for an attacked run: the attack, CE statistics clean vs adversarial, detection."""
+    attack = results.get("attack")
+    if not attack:
+        return []
+    pert = attack.get("perturbation", {})
+    clean_auroc = results.get("classification", {}).get("auroc_mean", float("nan"))
+    parts = [
+        f"## Adversarial attack: {attack['name']} ({attack['mode']}, target {attack['target']}, "
+        f"{attack['norm']} eps {_fmt(attack['eps'])})",
+        "",
+        "| success rate | eligible images | flip rate | mean AUROC clean | mean AUROC attacked | L-inf | L2 | L0 share |",
+        "|---|---|---|---|---|---|---|---|",
+        f"| {_fmt(attack['success_rate'])} | {attack['eligible_images']} / {attack['num_images']} | "
+        f"{_fmt(attack['flip_rate'])} | {_fmt(clean_auroc)} | {_fmt(attack['auroc_mean'])} | "
+        f"{pert.get('linf', float('nan')):.4f} | {pert.get('l2', float('nan')):.4f} | {_fmt(pert.get('l0'))} |",
+        "",
+        "Success rate: among images the attack could change (untargeted: the attacked findings were "
+        "predicted right on the clean image), the share where an attacked prediction flipped "
+        "(targeted: reached the goal). Flip rate: share of attacked (image, finding) predictions "
+        "that changed at threshold 0.5.",
+        "",
+    ]
+    under = results.get("ce_under_attack", {})
+    if under:
+        parts += [
+            "### CE maps under attack (the attacked, or most likely, finding's map)",
+            "",
+            "Separation: AUROC of the statistic alone for adversarial vs clean (0.5: no difference).",
+            "",
+            "| method | statistic | clean mean | adversarial mean | separation |",
+            "|---|---|---|---|---|",
+        ]
+        for method, stats in under.items():
+            for stat, v in stats.items():
+                parts.append(
+                    f"| {method} | {stat} | {_fmt(v.get('clean_mean', float('nan')))} | "
+                    f"{_fmt(v.get('adv_mean', float('nan')))} | {_fmt(v.get('separation_auroc', float('nan')))} |"
+                )
+        parts.append("")
+    det = results.get("detection", {})
+    scored = {k: v for k, v in det.items() if isinstance(v, Mapping)}
+    if scored:
+        parts += [
+            f"### Detection ({det.get('detector', '?')} detector, trained on one patient-grouped half, "
+            "scored on the other)",
+            "",
+            "| features | AUROC | TPR at 5% FPR | train images | test images |",
+            "|---|---|---|---|---|",
+        ]
+        parts += [
+            f"| {k} | {_fmt(v.get('auroc'))} | {_fmt(v.get('tpr@5fpr'))} | {v.get('n_train', '?')} | {v.get('n_test', '?')} |"
+            for k, v in scored.items()
+        ]
+        parts.append("")
+    return parts
+
+
 def write_report(
     out_dir: str | Path,
     results: Mapping[str, Any],
@@ -179,6 +237,7 @@ def write_report(
             method_table(results),
             "",
         ]
+    parts += attack_section(results)
     for caption, fig in figures.items():
         rel = Path(fig).relative_to(out_dir) if Path(fig).is_absolute() else Path(fig)
         parts += [f"### {caption}", "", f"![{caption}]({rel.as_posix()})", ""]
@@ -192,13 +251,15 @@ def collect_sweep(sweep_dir: str | Path) -> pd.DataFrame:
     if not sweep_dir.is_dir():
         raise FileNotFoundError(f"sweep directory {str(sweep_dir)!r} does not exist")
     rows = []
+    override_keys: dict[str, None] = {}
     for run in sorted(p for p in sweep_dir.iterdir() if p.is_dir()):
         row: dict[str, Any] = {"run": run.name}
         overrides = run / ".hydra" / "overrides.yaml"
+        settings: dict[str, Any] = {}
         if overrides.is_file():
             for item in yaml.safe_load(overrides.read_text()) or []:
                 key, _, value = str(item).partition("=")
-                row[key.lstrip("+~")] = yaml.safe_load(value) if value else value
+                settings[key.lstrip("+~")] = yaml.safe_load(value) if value else value
         results = run / RESULTS_FILE
         if results.is_file():
             row.update(flatten(json.loads(results.read_text())))
@@ -207,10 +268,15 @@ def collect_sweep(sweep_dir: str | Path) -> pd.DataFrame:
             row["status"] = "failed"
         else:
             continue  # not a run directory (e.g. .submitit)
+        # a swept key may also be a result (attack.eps): the setting as given wins
+        row.update(settings)
+        override_keys.update(dict.fromkeys(settings))
         rows.append(row)
     if not rows:
         raise FileNotFoundError(f"no runs with {RESULTS_FILE} or error.txt under {sweep_dir}")
-    return pd.DataFrame(rows)
+    df = pd.DataFrame(rows)
+    df.attrs["overrides"] = list(override_keys)
+    return df
 
 
 HEADLINE = (
@@ -221,6 +287,8 @@ HEADLINE = (
     "attack.success_rate",
     "detection.ce.auroc",
     "detection.ce.tpr@5fpr",
+    "detection.max_prob.auroc",
+    "detection.noise_flip.auroc",
 )
 
 
@@ -228,10 +296,9 @@ def summarize(sweep_dir: str | Path, metrics: Sequence[str] | None = None) -> di
     """Write ``summary.csv``, ``summary.md`` and ``summary_<param>.png`` into the sweep directory."""
     sweep_dir = Path(sweep_dir)
     df = collect_sweep(sweep_dir)
-    metric_cols = [c for c in df.columns if "." in c and c.split(".")[0] in (
-        "classification", "localisation", "faithfulness", "attack", "detection")]
+    overrides = [c for c in df.attrs.get("overrides", []) if c in df.columns]
+    metric_cols = [c for c in df.columns if c not in overrides and c not in ("run", "status")]
     # the swept settings: overrides whose value differs between runs (shared ones add nothing)
-    overrides = [c for c in df.columns if c not in metric_cols and c not in ("run", "status")]
     params = [c for c in overrides if df[c].astype(str).nunique() > 1] or overrides[:1]
     shown = [m for m in (metrics or HEADLINE) if m in df.columns] or metric_cols[:6]
     out = {"csv": sweep_dir / "summary.csv", "md": sweep_dir / "summary.md"}
@@ -240,12 +307,54 @@ def summarize(sweep_dir: str | Path, metrics: Sequence[str] | None = None) -> di
     md = ["| " + " | ".join(table.columns) + " |", "|" + "---|" * len(table.columns)]
     md += ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in table.itertuples(index=False)]
     atomic_write_text(out["md"], f"# Sweep {sweep_dir.name}\n\n" + "\n".join(md) + "\n")
+    transfer = _detection_transfer(sweep_dir, df, params)
+    if transfer:
+        out.update(transfer)
+        matrix = pd.read_csv(transfer["transfer_csv"], index_col=0)
+        atomic_write_text(
+            out["md"],
+            out["md"].read_text()
+            + "\n## Detection transfer (AUROC; rows: trained on, columns: tested on, unseen patients)\n\n"
+            + _markdown_matrix(matrix)
+            + "\n",
+        )
     for param in params:
         values = pd.to_numeric(df[param], errors="coerce")
         if values.isna().all() or values.nunique() < 2:
             continue
         out[f"plot_{param}"] = _plot_against(df.assign(_x=values), param, shown, sweep_dir / f"summary_{param}.png", params)
     return out
+
+
+DETECTION_FILE = "detection.npz"
+
+
+def _detection_transfer(sweep_dir: Path, df: pd.DataFrame, params: Sequence[str]) -> dict[str, Path]:
+    """Train the CE detector on each attacked run and test it on every other (``transfer.csv/png``)."""
+    from causal_ie.attacks.detection import load_detection_data, transfer_matrix
+    from causal_ie.attacks.figures import plot_transfer_matrix
+
+    runs = {}
+    for _, row in df.iterrows():
+        path = sweep_dir / str(row["run"]) / DETECTION_FILE
+        if path.is_file():
+            label = ", ".join(f"{p}={row[p]}" for p in params)
+            runs[label or str(row["run"])] = load_detection_data(path)
+    if len(runs) < 2:
+        return {}
+    names = {tuple(d.feature_names) for d in runs.values()}
+    if len(names) > 1:
+        log.warning("runs have different CE features (mask or latent settings differ): no transfer matrix")
+        return {}
+    matrix = transfer_matrix(runs)
+    csv = atomic_write_text(sweep_dir / "transfer.csv", matrix.to_csv())
+    return {"transfer_csv": csv, "transfer_png": plot_transfer_matrix(matrix, sweep_dir / "transfer.png")}
+
+
+def _markdown_matrix(matrix: pd.DataFrame) -> str:
+    lines = ["| trained on \\ tested on | " + " | ".join(map(str, matrix.columns)) + " |", "|" + "---|" * (len(matrix.columns) + 1)]
+    lines += ["| " + " | ".join([str(i), *(_fmt(float(v)) for v in row)]) + " |" for i, row in zip(matrix.index, matrix.to_numpy())]
+    return "\n".join(lines)
 
 
 def _plot_against(df: pd.DataFrame, param: str, metrics: Sequence[str], path: Path, params: Sequence[str]) -> Path:

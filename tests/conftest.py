@@ -38,6 +38,22 @@ TINY_TRAIN = [
 ]
 
 
+# evaluate.py on the tiny checkpoint: few images, short deletion curves
+TINY_EVAL = [
+    "logger=none",
+    "data.image_size=32",
+    "data.batch_size=16",
+    "data.synthetic.num_train=64",
+    "data.synthetic.num_val=32",
+    "data.synthetic.num_test=32",
+    "data.test_subset=12",
+    "latent.batch_size=16",
+    "cams=[gradcam]",
+    "evaluation.deletion_steps=4",
+    "+trainer.enable_progress_bar=false",
+]
+
+
 def compose_config(name: str, overrides: list[str], output_dir: Path) -> DictConfig:
     """Compose conf/<name>.yaml with ``overrides`` as `python <name>.py` would, outputs in ``output_dir``."""
     GlobalHydra.instance().clear()
@@ -71,3 +87,20 @@ def train_cfg(tmp_path):
 
     yield make
     GlobalHydra.instance().clear()
+
+
+def eval_cfg(tmp_path: Path, ckpt: Path, *overrides: str) -> DictConfig:
+    """The evaluate config on the tiny checkpoint, outputs in ``tmp_path``."""
+    return compose_config("evaluate", [*TINY_EVAL, f"ckpt_path={ckpt}", *overrides], tmp_path)
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory) -> Path:
+    """A classifier trained for a couple of steps at 32 px (model=tiny), shared by the evaluate tests."""
+    from causal_ie.training import train
+
+    out = tmp_path_factory.mktemp("train")
+    cfg = compose_config("train", TINY_TRAIN, out)
+    _, objects = train(cfg)
+    GlobalHydra.instance().clear()
+    return Path(objects["trainer"].checkpoint_callback.best_model_path)

@@ -142,6 +142,20 @@ def test_targeted_pushes_the_finding_to_the_goal(name, to, batch):
     assert (moved >= -1e-5).all() and (moved > 1e-3).any(), moved
 
 
+@pytest.mark.parametrize("training", [False, True])
+def test_attack_keeps_the_model_mode_and_batchnorm_statistics(training, batch):
+    images, labels = batch
+    model = nn.Sequential(nn.Conv2d(1, 3, 3), nn.BatchNorm2d(3), nn.Flatten(), nn.LazyLinear(4))
+    model(images)  # materialise the lazy layer
+    model.train(training)
+    stats = [t.clone() for t in (model[1].running_mean, model[1].running_var)]
+    for name in ("pgd", "apgd"):
+        extra = {"norm": "Linf"} if name == "apgd" else {"alpha": None}
+        MultiLabelAttack(name, eps=0.05, steps=3, **extra)(model, images, labels, FINDINGS)
+        assert model.training is training and all(m.training is training for m in model.modules())
+        torch.testing.assert_close([model[1].running_mean, model[1].running_var], stats, rtol=0, atol=0)
+
+
 def test_eps_zero_leaves_images_unchanged(batch):
     images, labels = batch
     out = MultiLabelAttack("pgd", eps=0.0, alpha=None, steps=3)(TinyNet(), images, labels)

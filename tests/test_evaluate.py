@@ -9,42 +9,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, compose_config
+from conftest import ROOT, TINY_EVAL, compose_config, eval_cfg
 from hydra.core.global_hydra import GlobalHydra
 
 from causal_ie.evaluation import evaluate
 from causal_ie.report import flatten
-from causal_ie.training import train
-
-TINY_EVAL = [
-    "logger=none",
-    "data.image_size=32",
-    "data.batch_size=16",
-    "data.synthetic.num_train=64",
-    "data.synthetic.num_val=32",
-    "data.synthetic.num_test=32",
-    "data.test_subset=12",
-    "latent.batch_size=16",
-    "cams=[gradcam]",
-    "evaluation.deletion_steps=4",
-    "+trainer.enable_progress_bar=false",
-]
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    """A classifier trained for a couple of steps at 32 px (model=tiny)."""
-    from conftest import TINY_TRAIN
-
-    out = tmp_path_factory.mktemp("train")
-    cfg = compose_config("train", TINY_TRAIN, out)
-    _, objects = train(cfg)
-    GlobalHydra.instance().clear()
-    return Path(objects["trainer"].checkpoint_callback.best_model_path)
-
-
-def eval_cfg(tmp_path: Path, ckpt: Path, *overrides: str):
-    return compose_config("evaluate", [*TINY_EVAL, f"ckpt_path={ckpt}", *overrides], tmp_path)
 
 
 def test_evaluate_writes_results_and_report(tmp_path, checkpoint):

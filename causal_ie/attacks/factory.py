@@ -179,6 +179,15 @@ class MultiLabelAttack:
         if images.min() < 0 or images.max() > 1:
             raise ValueError("attack inputs must lie in [0, 1] (the classifier normalises them itself)")
         labels = labels.float()
+        was_training = model.training
+        # the attack sees the model in eval mode (BatchNorm statistics frozen, no dropout)
+        model.eval()
+        try:
+            return self._attack(model, images, labels, findings)
+        finally:
+            model.train(was_training)  # the attack never changes the caller's mode
+
+    def _attack(self, model: nn.Module, images: Tensor, labels: Tensor, findings: Sequence[str] | None) -> Adversarial:
         with torch.no_grad():
             clean_logits = model(images)
         n, k = clean_logits.shape

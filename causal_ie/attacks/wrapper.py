@@ -31,6 +31,10 @@ class FindingLogits(nn.Module):
         super().__init__()
         self.model = model
         self.finding = finding
+        # torchattacks switches the model to eval for the attack and back to the
+        # *wrapper's* mode afterwards: a fresh module is in training mode, which would
+        # leave an evaluated classifier training (BatchNorm on batch statistics)
+        self.train(model.training)
 
     def forward(self, x: Tensor) -> Tensor:
         logits = self.model(x)

@@ -11,6 +11,7 @@ from torch import nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MultilabelAUROC
 
+from causal_ie.attacks.evaluation import AttackEvaluation
 from causal_ie.explain.explainers import Explainer
 from causal_ie.explain.metrics import DeletionInsertion, localisation_metrics
 from causal_ie.models import Classifier
@@ -45,6 +46,7 @@ class CEEvaluation(L.LightningModule):
         deletion_batch_size: int = 128,
         faithfulness: bool = True,
         examples_per_finding: int = 2,
+        attack: AttackEvaluation | None = None,
     ):
         super().__init__()
         if not explainers:
@@ -73,8 +75,11 @@ class CEEvaluation(L.LightningModule):
             else {}
         )
         self.examples_per_finding = examples_per_finding
+        self.attack = attack
         self.examples: list[dict[str, Any]] = []
         self.results: dict[str, Any] = {}
+        # with an attack: histograms, ROC curves, detector data and examples for the figures
+        self.attack_artefacts: dict[str, Any] = {}
         self._pairs_seen = torch.zeros((), dtype=torch.long)
         self._images_seen = torch.zeros((), dtype=torch.long)
 
@@ -93,13 +98,22 @@ class CEEvaluation(L.LightningModule):
         self.auroc.update(probs, labels.long())
         self._images_seen += images.shape[0]
         img_idx, finding_idx = box_pairs(labels, boxes)
+        # the attack study needs every finding's clean CE map; the box pairs are a selection of them
+        clean_maps = {}
+        if self.attack is not None:
+            clean_maps = {n: self.explainers[n].all_findings(self.classifier, images) for n in self.attack.explainers}
+            self.attack.update(self.classifier, batch, clean_maps)
         if img_idx.numel() == 0:
             return
         self._pairs_seen += img_idx.numel()
         pair_boxes = boxes[img_idx, finding_idx]
         maps = {}
         for name, explainer in self.explainers.items():
-            maps[name] = explainer(self.classifier, images, img_idx, finding_idx).detach()
+            if name in clean_maps:
+                m = clean_maps[name]
+                maps[name] = m[img_idx, finding_idx if m.shape[1] > 1 else 0].detach()
+            else:
+                maps[name] = explainer(self.classifier, images, img_idx, finding_idx).detach()
             self.localisation[name].update(maps[name], pair_boxes)
             if name in self.faithfulness:
                 self.faithfulness[name].update(images[img_idx], maps[name], finding_idx)
@@ -151,8 +165,14 @@ class CEEvaluation(L.LightningModule):
                 faith = self.faithfulness[name]
                 results["faithfulness"][name] = {k: float(v) for k, v in faith.compute().items()}
                 faith.reset()
+        if self.attack is not None:
+            attack_results, self.attack_artefacts = self.attack.compute()
+            results.update(attack_results)
         self.results = results
         ce = results["localisation"].get("ce", {})
         if "pointing_game" in ce:
             self.log("test/ce_pointing_game", ce["pointing_game"], rank_zero_only=True)
         self.log("test/auroc_mean", results["classification"]["auroc_mean"], rank_zero_only=True)
+        if self.attack is not None:
+            self.log("test/attack_success_rate", results["attack"]["success_rate"], rank_zero_only=True)
+            self.log("test/detection_ce_auroc", results["detection"]["ce"]["auroc"], rank_zero_only=True)

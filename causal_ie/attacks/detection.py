@@ -1,0 +1,431 @@
+"""Detecting adversarial images from per-image features (e.g. CE-map statistics).
+
+The data are *pairs*: row ``i`` of ``features_clean`` and of ``features_adv``
+describe the same image before and after the attack. A detector is a binary
+classifier (clean = 0, adversarial = 1) trained on one half of the images and
+scored on the other. The halves are split by *patient* (``groups``), and both
+members of a pair always fall in the same half, so nothing about a test image
+or its patient is seen in training: the AUROC measures generalisation to new
+patients, not memorisation.
+
+Baseline scores that need no CE maps: :func:`max_prob` (confidence) and
+:func:`prediction_change_under_noise` (attacked inputs sit near a decision
+boundary, so small noise moves their predictions more).
+
+:class:`DetectionData` is what one evaluate run saves, so detectors trained on
+one run (e.g. one attack) can be scored on another (:func:`transfer_matrix`).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from sklearn.ensemble import HistGradientBoostingClassifier
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import roc_auc_score, roc_curve
+from sklearn.pipeline import Pipeline
+from sklearn.preprocessing import FunctionTransformer, StandardScaler
+from torch import Tensor
+
+DETECTORS: tuple[str, ...] = ("logistic", "gbm")
+
+__all__ = [
+    "DETECTORS",
+    "DetectionData",
+    "DetectionResult",
+    "detect",
+    "evaluate_detector",
+    "features_matrix",
+    "fit_detector",
+    "load_detection_data",
+    "max_prob",
+    "prediction_change_under_noise",
+    "save_detection_data",
+    "split_halves",
+    "tpr_at_fpr",
+    "transfer_auroc",
+    "transfer_matrix",
+]
+
+
+@dataclass
+class DetectionResult:
+    """Scores of a detector on the held-out half (``n_train``/``n_test`` count images, i.e. pairs)."""
+
+    auroc: float
+    tpr_at_5fpr: float
+    fpr: np.ndarray
+    tpr: np.ndarray
+    n_train: int
+    n_test: int
+
+    def as_dict(self) -> dict[str, float]:
+        """The scalar results, for results.json / logging."""
+        return {
+            "auroc": float(self.auroc),
+            "tpr@5fpr": float(self.tpr_at_5fpr),
+            "n_train": int(self.n_train),
+            "n_test": int(self.n_test),
+        }
+
+
+# ----------------------------------------------------------------------------- split
+
+
+def split_halves(groups: Sequence[str], seed: int = 0) -> np.ndarray:
+    """Patient-grouped half split: bool ``[N]``, True = image in the train half.
+
+    The distinct groups (sorted, so the result does not depend on the order
+    images come in) are shuffled with ``numpy.random.default_rng(seed)``; each
+    whole group then goes to the half that currently holds fewer images (ties:
+    train). Each half thus ends within one group's size of ``N/2``, and both
+    are non-empty. Raises ValueError with fewer than 2 distinct groups.
+    """
+    keys = [str(g) for g in groups]
+    distinct = sorted(set(keys))
+    if len(distinct) < 2:
+        raise ValueError(
+            f"groups must hold at least 2 distinct patients to split into two halves, got {len(distinct)}"
+        )
+    index = {g: i for i, g in enumerate(distinct)}
+    codes = np.fromiter((index[g] for g in keys), dtype=np.int64, count=len(keys))
+    sizes = np.bincount(codes, minlength=len(distinct))
+    in_train = np.zeros(len(distinct), dtype=bool)
+    n_train = n_test = 0
+    for g in np.random.default_rng(seed).permutation(len(distinct)):
+        if n_train <= n_test:
+            in_train[g] = True
+            n_train += sizes[g]
+        else:
+            n_test += sizes[g]
+    return in_train[codes]
+
+
+# ----------------------------------------------------------------------------- scores
+
+
+def tpr_at_fpr(labels: np.ndarray, scores: np.ndarray, max_fpr: float = 0.05) -> float:
+    """Highest TPR on the ROC curve (``sklearn.metrics.roc_curve``) among points with FPR <= ``max_fpr``."""
+    if not 0 <= max_fpr <= 1:
+        raise ValueError(f"max_fpr must be in [0, 1], got {max_fpr!r}")
+    labels = np.asarray(labels)
+    if np.unique(labels).size != 2:
+        raise ValueError(f"labels must contain both classes, got {np.unique(labels).tolist()}")
+    fpr, tpr, _ = roc_curve(labels, np.asarray(scores), drop_intermediate=False)
+    return float(tpr[fpr <= max_fpr].max())
+
+
+def _finite_or_zero(x: np.ndarray) -> np.ndarray:
+    """Non-finite feature values (NaN, +-inf: e.g. a correlation with a flat map) -> 0."""
+    x = np.asarray(x, dtype=np.float64)
+    return np.where(np.isfinite(x), x, 0.0)
+
+
+def _as_2d(features: Any, name: str) -> np.ndarray:
+    x = np.asarray(features.detach().cpu() if isinstance(features, Tensor) else features, dtype=np.float64)
+    if x.ndim == 1:
+        x = x[:, None]
+    if x.ndim != 2:
+        raise ValueError(f"{name} must be [N, F] (or [N] for one feature), got shape {x.shape}")
+    return x
+
+
+def _pairs(features_clean: Any, features_adv: Any) -> tuple[np.ndarray, np.ndarray]:
+    clean = _as_2d(features_clean, "features_clean")
+    adv = _as_2d(features_adv, "features_adv")
+    if clean.shape != adv.shape:
+        raise ValueError(
+            f"features_clean {clean.shape} and features_adv {adv.shape} must have the same shape "
+            "(row i of both is the same image before and after the attack)"
+        )
+    return clean, adv
+
+
+def _mask(mask: Any, n: int, name: str) -> np.ndarray:
+    m = np.asarray(mask)
+    if m.dtype != bool or m.shape != (n,):
+        raise ValueError(f"{name} must be a boolean array of shape ({n},), got dtype {m.dtype} shape {m.shape}")
+    if not m.any():
+        raise ValueError(f"{name} selects no images")
+    return m
+
+
+def _stack(clean: np.ndarray, adv: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Selected pairs as one labelled design matrix: clean rows (0) then adversarial rows (1)."""
+    x = np.concatenate([clean[rows], adv[rows]])
+    y = np.repeat(np.array([0, 1]), int(rows.sum()))
+    return x, y
+
+
+def fit_detector(
+    features_clean: np.ndarray,
+    features_adv: np.ndarray,
+    train: np.ndarray,
+    kind: str = "logistic",
+    seed: int = 0,
+) -> Pipeline:
+    """Fit a clean (0) vs adversarial (1) classifier on the pairs selected by bool ``train [N]``.
+
+    ``kind="logistic"``: standardise + ``LogisticRegression(max_iter=1000, C=1.0)``;
+    ``kind="gbm"``: ``HistGradientBoostingClassifier(max_iter=100, random_state=seed)``.
+    Both pipelines first map non-finite values to 0, at fit and predict time,
+    so a NaN feature never crashes either step.
+    """
+    if kind not in DETECTORS:
+        raise ValueError(f"detection.detector must be one of {', '.join(DETECTORS)}; got {kind!r}")
+    clean, adv = _pairs(features_clean, features_adv)
+    rows = _mask(train, len(clean), "train")
+    x, y = _stack(clean, adv, rows)
+    finite = ("finite", FunctionTransformer(_finite_or_zero))
+    if kind == "logistic":
+        steps = [finite, ("scale", StandardScaler()), ("clf", LogisticRegression(max_iter=1000, C=1.0))]
+    else:
+        steps = [finite, ("clf", HistGradientBoostingClassifier(max_iter=100, random_state=seed))]
+    return Pipeline(steps).fit(x, y)
+
+
+def evaluate_detector(
+    estimator: Any,
+    features_clean: np.ndarray,
+    features_adv: np.ndarray,
+    test: np.ndarray,
+    n_train: int | None = None,
+) -> DetectionResult:
+    """Score ``estimator`` on the pairs selected by bool ``test [N]``: AUROC, TPR at 5% FPR, ROC curve.
+
+    ``n_train`` is only recorded in the result; by default it is the number of
+    images outside ``test`` (right when train and test halves complement each other).
+    """
+    clean, adv = _pairs(features_clean, features_adv)
+    rows = _mask(test, len(clean), "test")
+    x, y = _stack(clean, adv, rows)
+    scores = estimator.predict_proba(x)[:, 1]
+    fpr, tpr, _ = roc_curve(y, scores)
+    return DetectionResult(
+        auroc=float(roc_auc_score(y, scores)),
+        tpr_at_5fpr=tpr_at_fpr(y, scores, 0.05),
+        fpr=fpr,
+        tpr=tpr,
+        n_train=int((~rows).sum()) if n_train is None else int(n_train),
+        n_test=int(rows.sum()),
+    )
+
+
+def detect(
+    features_clean: np.ndarray,
+    features_adv: np.ndarray,
+    groups: Sequence[str],
+    seed: int = 0,
+    kind: str = "logistic",
+) -> DetectionResult:
+    """Split by patient (:func:`split_halves`), fit on one half, score on the other."""
+    clean, adv = _pairs(features_clean, features_adv)
+    if len(groups) != len(clean):
+        raise ValueError(f"groups has {len(groups)} entries but the features have {len(clean)} rows (images)")
+    train = split_halves(groups, seed)
+    estimator = fit_detector(clean, adv, train, kind=kind, seed=seed)
+    return evaluate_detector(estimator, clean, adv, ~train, n_train=int(train.sum()))
+
+
+def features_matrix(features: Mapping[str, Tensor | np.ndarray]) -> tuple[np.ndarray, list[str]]:
+    """``{name: [N]}`` -> ``([N, F] float64 array, names)``, columns in the mapping's order."""
+    if not features:
+        raise ValueError("features is empty: expected a mapping {name: [N] values}")
+    names = list(features)
+    columns = []
+    for name in names:
+        value = features[name]
+        col = np.asarray(value.detach().cpu() if isinstance(value, Tensor) else value, dtype=np.float64)
+        if col.ndim != 1:
+            raise ValueError(f"feature {name!r} must be 1-D [N], got shape {col.shape}")
+        columns.append(col)
+    lengths = {len(c) for c in columns}
+    if len(lengths) != 1:
+        raise ValueError(f"features must all have the same length N, got {dict(zip(names, map(len, columns)))}")
+    return np.stack(columns, axis=1), names
+
+
+# ----------------------------------------------------------------------------- baselines
+
+
+def prediction_change_under_noise(
+    model: torch.nn.Module,
+    images: Tensor,
+    std: float = 0.01,
+    draws: int = 4,
+    seed: int = 0,
+) -> Tensor:
+    """The ``noise_flip`` baseline score ``[N]``: how much Gaussian noise moves the predictions.
+
+    Mean over ``draws`` draws of ``N(0, std^2)`` pixel noise (``[0, 1]`` units;
+    the noisy image is clamped to ``[0, 1]``; noise from a ``torch.Generator``
+    on the images' device seeded with ``seed``) of the mean absolute change of
+    the sigmoid probabilities over all findings, relative to the prediction on
+    ``images`` as given. ``model`` maps ``[N, C, H, W]`` images to logits
+    ``[N, K]`` and is used in its current mode (call ``model.eval()`` first).
+    """
+    if not std >= 0:
+        raise ValueError(f"std must be >= 0, got {std!r}")
+    if int(draws) != draws or draws < 1:
+        raise ValueError(f"draws must be an integer >= 1, got {draws!r}")
+    if images.ndim != 4:
+        raise ValueError(f"images must be [N, C, H, W], got shape {tuple(images.shape)}")
+    n = images.shape[0]
+    generator = torch.Generator(device=images.device).manual_seed(int(seed))
+    with torch.no_grad():
+        base = torch.sigmoid(model(images).reshape(n, -1).float())
+        total = torch.zeros(n, device=base.device)
+        for _ in range(int(draws)):
+            noise = torch.randn(images.shape, generator=generator, device=images.device, dtype=images.dtype)
+            noisy = (images + std * noise).clamp(0.0, 1.0)
+            probs = torch.sigmoid(model(noisy).reshape(n, -1).float())
+            total += (probs - base).abs().mean(dim=1)
+    return total / int(draws)
+
+
+def max_prob(probs: Tensor) -> Tensor:
+    """The ``max_prob`` baseline score: max over findings of the predicted probability, ``[N, K] -> [N]``."""
+    probs = torch.as_tensor(probs)
+    if probs.ndim != 2:
+        raise ValueError(f"probs must be [N, K], got shape {tuple(probs.shape)}")
+    return probs.amax(dim=1)
+
+
+# ----------------------------------------------------------------------------- saved runs, transfer
+
+
+_ARRAYS = ("features_clean", "features_adv", "feature_names", "ids", "groups", "seed")
+
+
+@dataclass
+class DetectionData:
+    """Features of one evaluate run's image pairs, saved so detectors can be compared across runs."""
+
+    features_clean: np.ndarray  # [N, F]
+    features_adv: np.ndarray  # [N, F]
+    feature_names: list[str]
+    ids: list[str]  # image ids
+    groups: list[str]  # patient ids
+    seed: int
+
+    def __post_init__(self) -> None:
+        self.features_clean, self.features_adv = _pairs(self.features_clean, self.features_adv)
+        self.feature_names = [str(x) for x in self.feature_names]
+        self.ids = [str(x) for x in self.ids]
+        self.groups = [str(x) for x in self.groups]
+        self.seed = int(self.seed)
+        n, f = self.features_clean.shape
+        if len(self.feature_names) != f:
+            raise ValueError(f"feature_names has {len(self.feature_names)} names for {f} feature columns")
+        if len(self.ids) != n or len(self.groups) != n:
+            raise ValueError(f"ids ({len(self.ids)}) and groups ({len(self.groups)}) must have one entry per row ({n})")
+
+
+def save_detection_data(path: str | Path, data: DetectionData) -> Path:
+    """Write ``data`` as a compressed ``.npz`` at exactly ``path``, atomically (temp file + ``os.replace``)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez_compressed(
+                f,
+                features_clean=data.features_clean,
+                features_adv=data.features_adv,
+                feature_names=np.array(data.feature_names, dtype=str),
+                ids=np.array(data.ids, dtype=str),
+                groups=np.array(data.groups, dtype=str),
+                seed=np.array(data.seed, dtype=np.int64),
+            )
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_detection_data(path: str | Path) -> DetectionData:
+    """Read what :func:`save_detection_data` wrote; FileNotFoundError / ValueError name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no detection data at {path}")
+    try:
+        archive = np.load(path, allow_pickle=False)
+    except Exception as err:  # not an npz at all
+        raise ValueError(f"{path} is not a detection-data .npz file: {err}") from err
+    with archive:
+        missing = [key for key in _ARRAYS if key not in archive.files]
+        if missing:
+            raise ValueError(f"{path} lacks the array(s) {', '.join(missing)} expected of detection data")
+        return DetectionData(
+            features_clean=archive["features_clean"],
+            features_adv=archive["features_adv"],
+            feature_names=archive["feature_names"].tolist(),
+            ids=archive["ids"].tolist(),
+            groups=archive["groups"].tolist(),
+            seed=int(archive["seed"]),
+        )
+
+
+def _fit_source(source: DetectionData, kind: str) -> tuple[Pipeline, set[str]]:
+    """The detector of a run's own train half and the patients it saw."""
+    train = split_halves(source.groups, source.seed)
+    estimator = fit_detector(source.features_clean, source.features_adv, train, kind=kind, seed=source.seed)
+    seen = {g for g, t in zip(source.groups, train) if t}
+    return estimator, seen
+
+
+def _check_same_features(source: DetectionData, target: DetectionData) -> None:
+    if source.feature_names != target.feature_names:
+        raise ValueError(
+            "source and target runs must have the same features in the same order; "
+            f"source has {source.feature_names}, target has {target.feature_names}"
+        )
+
+
+def _score_target(estimator: Pipeline, seen: set[str], target: DetectionData) -> float:
+    """AUROC on the target images of patients outside ``seen`` (NaN if there are none)."""
+    unseen = np.array([g not in seen for g in target.groups], dtype=bool)
+    if not unseen.any():
+        return float("nan")
+    return evaluate_detector(estimator, target.features_clean, target.features_adv, unseen).auroc
+
+
+def transfer_auroc(source: DetectionData, target: DetectionData, kind: str = "logistic") -> float:
+    """AUROC on ``target`` of the detector trained on ``source``'s train half.
+
+    Scored only on target images whose patient is not among the source
+    train-half patients (no patient is seen in training); NaN if none is left.
+    With ``target is source`` this is exactly ``detect(...)`` on the source run.
+    """
+    _check_same_features(source, target)
+    estimator, seen = _fit_source(source, kind)
+    return _score_target(estimator, seen, target)
+
+
+def transfer_matrix(runs: Mapping[str, DetectionData], kind: str = "logistic") -> pd.DataFrame:
+    """AUROC of every (source, target) pair: rows = source (trained on), columns = target (tested on).
+
+    The diagonal is each run's own held-out AUROC (same split as :func:`detect`).
+    One detector is fitted per source run.
+    """
+    names = list(runs)
+    table = pd.DataFrame(np.nan, index=pd.Index(names, name="source"), columns=pd.Index(names, name="target"))
+    for src in names:
+        for tgt in names:  # fail before any fitting
+            _check_same_features(runs[src], runs[tgt])
+    for src in names:
+        estimator, seen = _fit_source(runs[src], kind)
+        for tgt in names:
+            table.loc[src, tgt] = _score_target(estimator, seen, runs[tgt])
+    return table

@@ -1,0 +1,313 @@
+"""AttackEvaluation: attack every test image, compare its CE maps clean vs adversarial, detect it.
+
+Used by :class:`causal_ie.lightning.evaluation.CEEvaluation` when ``attack!=none``.
+Per batch it runs the attack, the CE explainers on the clean and the
+adversarial images, and keeps one row of numbers per image (statistics,
+detector features, baseline scores). The rows are a torchmetrics state, so
+under DDP every process attacks its shard and ``compute`` gathers them; the
+detector is then fitted once on the gathered rows (patient-grouped halves).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from sklearn.metrics import roc_auc_score
+from torch import Tensor, nn
+from torchmetrics import Metric
+from torchmetrics.classification import MultilabelAUROC
+
+from causal_ie.attacks.detection import (
+    DetectionData,
+    detect,
+    max_prob,
+    prediction_change_under_noise,
+)
+from causal_ie.attacks.factory import Adversarial, MultiLabelAttack
+from causal_ie.attacks.statistics import STATISTICS, box_share, ce_features, map_correlation, map_statistics
+from causal_ie.explain.explainers import Explainer
+
+# per-image attack outcome columns (see _outcome)
+OUTCOME = ("eligible", "success", "flipped", "attacked", "linf", "l2", "l0")
+BASELINES = ("max_prob", "noise_flip")
+# characterisation statistics beyond STATISTICS: they need the clean map or the box
+PAIRED = ("box_share", "correlation_with_clean")
+
+
+def group_code(name: str) -> int:
+    """A stable integer for a patient id, so groups travel as tensors between processes
+    (48 bits: exact in the float64 rows)."""
+    return int.from_bytes(hashlib.blake2b(str(name).encode(), digest_size=6).digest(), "little")
+
+
+class _Rows(Metric):
+    """Per-image rows [N, F], concatenated over batches and, on ``compute``, processes."""
+
+    full_state_update = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.add_state("rows", default=[], dist_reduce_fx="cat")
+
+    def update(self, rows: Tensor) -> None:
+        self.rows.append(rows.double())
+
+    def compute(self) -> Tensor:
+        if isinstance(self.rows, Tensor):  # already concatenated by the sync
+            return self.rows
+        return torch.cat(self.rows) if self.rows else torch.zeros(0, 0, dtype=torch.float64)
+
+
+class AttackEvaluation(nn.Module):
+    """Attack, CE under attack, and CE-based detection of the adversarial images.
+
+    Args:
+        attack: the configured attack.
+        findings: the classifier's finding names.
+        explainers: the CE explainers (``ce``, ``ce_latent``); their maps of every
+            finding give the statistics and the detector features.
+        detector: ``logistic`` or ``gbm``.
+        noise_std, noise_draws: the ``noise_flip`` baseline.
+        top_fraction: for the ``topk_mass`` statistic.
+        examples: how many images to keep for the clean-vs-adversarial figure.
+        seed: the split into detector train/test halves.
+    """
+
+    def __init__(
+        self,
+        attack: MultiLabelAttack,
+        findings: Sequence[str],
+        explainers: Mapping[str, Explainer],
+        detector: str = "logistic",
+        noise_std: float = 0.01,
+        noise_draws: int = 4,
+        top_fraction: float = 0.05,
+        examples: int = 4,
+        seed: int = 0,
+    ):
+        super().__init__()
+        if not explainers:
+            raise ValueError("attack evaluation needs a CE explainer: set mask= (or latent=)")
+        attack.finding_index(findings)  # an unknown attack.target fails before any work
+        self.attack = attack
+        self.findings = tuple(findings)
+        self.explainers = dict(explainers)
+        self.detector = detector
+        self.noise_std, self.noise_draws = noise_std, noise_draws
+        self.top_fraction, self.n_examples, self.seed = top_fraction, examples, seed
+        self.auroc_adv = MultilabelAUROC(num_labels=len(self.findings), average=None)
+        self.rows = _Rows()
+        self.columns: list[str] = []
+        self.examples: list[dict[str, Any]] = []
+
+    # -- per batch --------------------------------------------------------------
+    def update(self, classifier: nn.Module, batch: Mapping[str, Any], clean_maps: Mapping[str, Tensor] | None = None) -> None:
+        """Attack ``batch`` and record one row per image. ``clean_maps`` may hold maps
+        [B, K, H, W] of the clean images already computed by the caller."""
+        images, labels = batch["image"], batch["labels"]
+        with torch.no_grad():
+            p_clean = classifier(images).sigmoid()
+        adv = self.attack(classifier, images, labels, self.findings)
+        with torch.no_grad():
+            p_adv = classifier(adv.images).sigmoid()
+        self.auroc_adv.update(p_adv, labels.long())
+        focus = _focus_finding(adv.attacked, p_clean)
+        boxes = batch["boxes"][torch.arange(len(focus), device=focus.device), focus]
+        columns: dict[str, Tensor] = dict(zip(OUTCOME, _outcome(adv, p_clean, p_adv, images).unbind(1)))
+        for column, names in (("group", batch.get("patient_id", batch["id"])), ("image", batch["id"])):
+            columns[column] = torch.tensor([float(group_code(g)) for g in names], dtype=torch.float64, device=images.device)
+        maps_for_figure = {}
+        for name, explainer in self.explainers.items():
+            m_clean = clean_maps[name] if clean_maps and name in clean_maps else explainer.all_findings(classifier, images)
+            m_adv = explainer.all_findings(classifier, adv.images)
+            columns.update(self._map_columns(name, m_clean, m_adv, p_clean, p_adv, focus, boxes))
+            maps_for_figure[name] = (m_clean, m_adv)
+        for side, x, p in (("clean", images, p_clean), ("adv", adv.images, p_adv)):
+            columns[f"baseline.max_prob.{side}"] = max_prob(p)
+            columns[f"baseline.noise_flip.{side}"] = prediction_change_under_noise(
+                classifier, x, std=self.noise_std, draws=self.noise_draws, seed=self.seed
+            )
+        if not self.columns:
+            self.columns = list(columns)
+        elif list(columns) != self.columns:
+            raise RuntimeError("attack evaluation columns changed between batches")
+        self.rows.update(torch.stack([c.to(images.device).double() for c in columns.values()], dim=1))
+        self._keep_examples(batch, adv, p_clean, p_adv, focus, maps_for_figure)
+
+    def _map_columns(self, name, m_clean, m_adv, p_clean, p_adv, focus, boxes) -> dict[str, Tensor]:
+        idx = torch.arange(len(focus), device=focus.device)
+        cols: dict[str, Tensor] = {}
+        # characterisation: the focus finding's map, clean vs adversarial
+        for side, maps in (("clean", m_clean), ("adv", m_adv)):
+            channel = maps[idx, focus] if maps.shape[1] > 1 else maps[:, 0]
+            for stat, value in map_statistics(channel, self.top_fraction).items():
+                cols[f"stat.{name}.{stat}.{side}"] = value
+            cols[f"stat.{name}.box_share.{side}"] = box_share(channel, boxes)
+        a = m_clean[idx, focus] if m_clean.shape[1] > 1 else m_clean[:, 0]
+        b = m_adv[idx, focus] if m_adv.shape[1] > 1 else m_adv[:, 0]
+        cols[f"stat.{name}.correlation_with_clean.adv"] = map_correlation(a, b)
+        # detector features: from each input's own maps and probabilities only
+        for side, maps, probs in (("clean", m_clean, p_clean), ("adv", m_adv, p_adv)):
+            for feature, value in ce_features(maps, probs, prefix=f"{name}.", top_fraction=self.top_fraction).items():
+                cols[f"feature.{feature}.{side}"] = value
+        return cols
+
+    def _keep_examples(self, batch, adv: Adversarial, p_clean, p_adv, focus, maps) -> None:
+        for i in range(len(focus)):
+            if len(self.examples) >= self.n_examples:
+                return
+            k = int(focus[i])
+            self.examples.append(
+                {
+                    "id": str(batch["id"][i]),
+                    "finding": self.findings[k],
+                    "prob_clean": float(p_clean[i, k]),
+                    "prob_adv": float(p_adv[i, k]),
+                    "image_clean": batch["image"][i, 0].float().cpu().numpy(),
+                    "image_adv": adv.images[i, 0].float().cpu().numpy(),
+                    "box": batch["boxes"][i, k].cpu().tolist(),
+                    "maps": {
+                        name: tuple(m[i, k if m.shape[1] > 1 else 0].float().cpu().numpy() for m in pair)
+                        for name, pair in maps.items()
+                    },
+                }
+            )
+
+    # -- after the epoch -----------------------------------------------------------
+    def compute(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(results, artefacts): the ``attack``, ``ce_under_attack`` and ``detection`` results,
+        and what the figures and the transfer analysis need (arrays, ROC curves, DetectionData)."""
+        rows = self.rows.compute().cpu().numpy()
+        self.rows.reset()
+        per_finding = self.auroc_adv.compute().cpu().numpy()
+        self.auroc_adv.reset()
+        if rows.size == 0:
+            raise RuntimeError("attack evaluation saw no test images")
+        col = {name: rows[:, j] for j, name in enumerate(self.columns)}
+        results = {
+            "attack": self._attack_results(col, per_finding),
+            "ce_under_attack": self._characterisation(col),
+        }
+        detection, curves, data = self._detection(col)
+        results["detection"] = detection
+        clean = {k[5:-6]: v for k, v in col.items() if k.startswith("stat.") and k.endswith(".clean")}
+        stats = {"clean": clean, "adv": {k: col[f"stat.{k}.adv"] for k in clean}}
+        return results, {"statistics": stats, "roc": curves, "detection_data": data, "examples": self.examples}
+
+    def _attack_results(self, col: Mapping[str, np.ndarray], per_finding: np.ndarray) -> dict[str, Any]:
+        eligible = col["eligible"] > 0
+        a = self.attack
+        return {
+            "name": a.name,
+            "target": a.target,
+            "mode": a.mode if a.mode == "untargeted" else f"targeted:{a.to}",
+            "eps": a.eps,
+            "norm": a.norm,
+            # among images the attack could change (untargeted: attacked findings right on
+            # clean; targeted: not yet at the goal), the share where it reached its goal
+            "success_rate": float(col["success"][eligible].mean()) if eligible.any() else float("nan"),
+            "eligible_images": int(eligible.sum()),
+            "num_images": int(len(eligible)),
+            # share of attacked (image, finding) predictions that changed at threshold 0.5
+            "flip_rate": float(col["flipped"].sum() / max(col["attacked"].sum(), 1)),
+            "auroc_mean": float(np.nanmean(per_finding)),
+            "auroc": {f: float(v) for f, v in zip(self.findings, per_finding)},
+            "perturbation": {k: float(np.mean(col[k])) for k in ("linf", "l2", "l0")},
+        }
+
+    def _characterisation(self, col: Mapping[str, np.ndarray]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for name in self.explainers:
+            out[name] = {}
+            for stat in (*STATISTICS, "box_share"):
+                clean, adv = col[f"stat.{name}.{stat}.clean"], col[f"stat.{name}.{stat}.adv"]
+                out[name][stat] = {
+                    "clean_mean": _nanmean(clean),
+                    "adv_mean": _nanmean(adv),
+                    # how well this one statistic alone separates the two (0.5: not at all)
+                    "separation_auroc": _separation(clean, adv),
+                }
+            out[name]["correlation_with_clean"] = {"adv_mean": _nanmean(col[f"stat.{name}.correlation_with_clean.adv"])}
+        return out
+
+    def _detection(self, col: Mapping[str, np.ndarray]):
+        groups = [str(int(g)) for g in col["group"]]
+        feats = sorted({k[len("feature."): -len(".clean")] for k in col if k.startswith("feature.") and k.endswith(".clean")})
+        # `ce`: every CE feature (input-space and latent maps); with both, each alone as well (`ce_input`, `ce_latent`)
+        sets = {"ce": feats}
+        if len(self.explainers) > 1:
+            for name in self.explainers:
+                sets["ce_input" if name == "ce" else name] = [f for f in feats if f.startswith(f"{name}.")]
+        detection: dict[str, Any] = {"detector": self.detector, "features": len(feats)}
+        curves: dict[str, tuple[np.ndarray, np.ndarray, float]] = {}
+        for label, names in sets.items():
+            clean = np.stack([col[f"feature.{f}.clean"] for f in names], axis=1)
+            adv = np.stack([col[f"feature.{f}.adv"] for f in names], axis=1)
+            result = detect(clean, adv, groups, seed=self.seed, kind=self.detector)
+            detection[label] = result.as_dict()
+            curves[label] = (result.fpr, result.tpr, result.auroc)
+        for baseline in BASELINES:
+            clean, adv = col[f"baseline.{baseline}.clean"], col[f"baseline.{baseline}.adv"]
+            result = detect(clean[:, None], adv[:, None], groups, seed=self.seed, kind="logistic")
+            detection[baseline] = result.as_dict()
+            curves[baseline] = (result.fpr, result.tpr, result.auroc)
+        data = DetectionData(
+            features_clean=np.stack([col[f"feature.{f}.clean"] for f in feats], axis=1),
+            features_adv=np.stack([col[f"feature.{f}.adv"] for f in feats], axis=1),
+            feature_names=feats,
+            ids=[str(int(i)) for i in col["image"]],
+            groups=groups,
+            seed=self.seed,
+        )
+        return detection, curves, data
+
+
+def _focus_finding(attacked: Tensor, probs: Tensor) -> Tensor:
+    """The finding whose maps are compared: the attacked one, or (all findings attacked)
+    the most likely one on the clean image."""
+    single = attacked.sum(1) == 1
+    return torch.where(single, attacked.float().argmax(1), probs.argmax(1))
+
+
+def _outcome(adv: Adversarial, p_clean: Tensor, p_adv: Tensor, images: Tensor) -> Tensor:
+    """Per image: eligible, success, flipped and attacked counts, and L-inf/L2/L0 of the change."""
+    att = adv.attacked
+    pred_clean, pred_adv = p_clean > 0.5, p_adv > 0.5
+    goal = adv.goal > 0.5
+    at_goal_clean = ((pred_clean == goal) | ~att).all(1)
+    at_goal_adv = ((pred_adv == goal) | ~att).all(1)
+    if adv.targeted:
+        eligible, success = ~at_goal_clean, at_goal_adv
+    else:  # the goal is the true label: success = some attacked finding now wrong
+        eligible, success = at_goal_clean, ~at_goal_adv
+    flipped = ((pred_clean != pred_adv) & att).sum(1)
+    delta = (adv.images - images).flatten(1)
+    return torch.stack(
+        [
+            eligible.double(),
+            success.double(),
+            flipped.double(),
+            att.sum(1).double(),
+            delta.abs().amax(1).double(),
+            delta.norm(dim=1).double(),
+            (delta.abs() > 1e-6).double().mean(1),
+        ],
+        dim=1,
+    )
+
+
+def _nanmean(x: np.ndarray) -> float:
+    x = np.asarray(x, dtype=float)
+    return float(np.nanmean(x)) if np.isfinite(x).any() else float("nan")
+
+
+def _separation(clean: np.ndarray, adv: np.ndarray) -> float:
+    keep_c, keep_a = clean[np.isfinite(clean)], adv[np.isfinite(adv)]
+    if len(keep_c) == 0 or len(keep_a) == 0:
+        return float("nan")
+    y = np.r_[np.zeros(len(keep_c)), np.ones(len(keep_a))]
+    return float(roc_auc_score(y, np.r_[keep_c, keep_a]))
