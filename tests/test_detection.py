@@ -351,3 +351,21 @@ def test_transfer_with_different_features_raises():
         transfer_auroc(a, b)
     with pytest.raises(ValueError, match="same features"):
         transfer_matrix({"a": a, "b": b})
+
+
+def test_per_image_noise_seeds_do_not_depend_on_the_batch():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 3))
+    images = torch.rand(4, 1, 4, 4)
+    seeds = [11, 12, 13, 14]
+    whole = prediction_change_under_noise(model, images, std=0.1, draws=3, seed=seeds)
+    halves = torch.cat(
+        [
+            prediction_change_under_noise(model, images[:2], std=0.1, draws=3, seed=seeds[:2]),
+            prediction_change_under_noise(model, images[2:], std=0.1, draws=3, seed=seeds[2:]),
+        ]
+    )
+    torch.testing.assert_close(whole, halves)
+    assert (whole > 0).all()
+    with pytest.raises(ValueError, match="one per image"):
+        prediction_change_under_noise(model, images, seed=[1, 2])

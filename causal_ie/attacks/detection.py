@@ -261,9 +261,12 @@ def prediction_change_under_noise(
     images: Tensor,
     std: float = 0.01,
     draws: int = 4,
-    seed: int = 0,
+    seed: int | Sequence[int] = 0,
 ) -> Tensor:
     """The ``noise_flip`` baseline score ``[N]``: how much Gaussian noise moves the predictions.
+
+    ``seed`` may be one integer per image: then each image's noise is the same
+    whichever batch (or DDP process) it lands in.
 
     Mean over ``draws`` draws of ``N(0, std^2)`` pixel noise (``[0, 1]`` units;
     the noisy image is clamped to ``[0, 1]``; noise from a ``torch.Generator``
@@ -278,17 +281,33 @@ def prediction_change_under_noise(
         raise ValueError(f"draws must be an integer >= 1, got {draws!r}")
     if images.ndim != 4:
         raise ValueError(f"images must be [N, C, H, W], got shape {tuple(images.shape)}")
-    n = images.shape[0]
-    generator = torch.Generator(device=images.device).manual_seed(int(seed))
+    n, draws = images.shape[0], int(draws)
+    if isinstance(seed, int):
+        generator = torch.Generator(device=images.device).manual_seed(seed)
+        noise = torch.randn((draws, *images.shape), generator=generator, device=images.device, dtype=images.dtype)
+    else:
+        if len(seed) != n:
+            raise ValueError(f"seed: one per image expected ({n}), got {len(seed)}")
+        noise = torch.stack(
+            [
+                torch.randn(
+                    (draws, *images.shape[1:]),
+                    generator=torch.Generator(device=images.device).manual_seed(int(s)),
+                    device=images.device,
+                    dtype=images.dtype,
+                )
+                for s in seed
+            ],
+            dim=1,
+        )
     with torch.no_grad():
         base = torch.sigmoid(model(images).reshape(n, -1).float())
         total = torch.zeros(n, device=base.device)
-        for _ in range(int(draws)):
-            noise = torch.randn(images.shape, generator=generator, device=images.device, dtype=images.dtype)
-            noisy = (images + std * noise).clamp(0.0, 1.0)
+        for d in range(draws):
+            noisy = (images + std * noise[d]).clamp(0.0, 1.0)
             probs = torch.sigmoid(model(noisy).reshape(n, -1).float())
             total += (probs - base).abs().mean(dim=1)
-    return total / int(draws)
+    return total / draws
 
 
 def max_prob(probs: Tensor) -> Tensor:

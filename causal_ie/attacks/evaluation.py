@@ -126,10 +126,12 @@ class AttackEvaluation(nn.Module):
             m_adv = explainer.all_findings(classifier, adv.images)
             columns.update(self._map_columns(name, m_clean, m_adv, p_clean, p_adv, focus, boxes))
             maps_for_figure[name] = (m_clean, m_adv)
+        # one noise seed per image: the same noise in any batch or process
+        seeds = [self.seed + int(c) for c in columns["image"].tolist()]
         for side, x, p in (("clean", images, p_clean), ("adv", adv.images, p_adv)):
             columns[f"baseline.max_prob.{side}"] = max_prob(p)
             columns[f"baseline.noise_flip.{side}"] = prediction_change_under_noise(
-                classifier, x, std=self.noise_std, draws=self.noise_draws, seed=self.seed
+                classifier, x, std=self.noise_std, draws=self.noise_draws, seed=seeds
             )
         if not self.columns:
             self.columns = list(columns)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import lightning as L
 import torch
@@ -12,6 +14,82 @@ from torchmetrics.classification import MultilabelAUROC
 
 from causal_ie.data.findings import FINDINGS
 from causal_ie.models.backbone import Normalize, create_backbone
+
+if TYPE_CHECKING:  # imported lazily at run time: causal_ie.attacks may import the models
+    from causal_ie.attacks.factory import MultiLabelAttack
+
+# `model.adv_train` settings and their defaults (conf/model/_classifier.yaml)
+ADV_TRAIN_DEFAULTS: dict[str, Any] = {"attack": None, "eps": 0.004, "steps": 5, "alpha": None, "ratio": 0.5}
+
+
+def check_adv_train(adv_train: Mapping | None) -> dict[str, Any] | None:
+    """``model.adv_train`` validated and filled with defaults, as plain Python types.
+
+    Plain types because the dict goes into the checkpoint's hyperparameters,
+    which ``Classifier.load`` reads with ``weights_only=True``. None stays None
+    (standard training, and what old checkpoints without the key mean).
+    """
+    if adv_train is None:
+        return None
+    if not isinstance(adv_train, Mapping):
+        raise ValueError(f"model.adv_train must be a mapping of {', '.join(ADV_TRAIN_DEFAULTS)} or null, got {adv_train!r}")
+    unknown = sorted(str(k) for k in adv_train if k not in ADV_TRAIN_DEFAULTS)
+    if unknown:
+        raise ValueError(
+            f"model.adv_train.{unknown[0]} is not a setting; allowed keys: {', '.join(ADV_TRAIN_DEFAULTS)}"
+        )
+    cfg = {**ADV_TRAIN_DEFAULTS, **dict(adv_train)}
+
+    def number(key: str, kind: type, minimum: float, inclusive: bool = True) -> Any:
+        value = cfg[key]
+        try:
+            if isinstance(value, bool):
+                raise TypeError
+            value = kind(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"model.adv_train.{key} must be a number, got {cfg[key]!r}") from None
+        if not (value >= minimum if inclusive else value > minimum):
+            raise ValueError(f"model.adv_train.{key} must be {'>=' if inclusive else '>'} {minimum}, got {value}")
+        return value
+
+    out: dict[str, Any] = {
+        "attack": None if cfg["attack"] is None else str(cfg["attack"]).lower(),
+        "eps": number("eps", float, 0.0),
+        "steps": number("steps", int, 1),
+        "alpha": None if cfg["alpha"] is None else number("alpha", float, 0.0, inclusive=False),
+        "ratio": number("ratio", float, 0.0),
+    }
+    if out["ratio"] > 1:
+        raise ValueError(f"model.adv_train.ratio is the share of adversarial training batches, in [0, 1]; got {out['ratio']}")
+    return out
+
+
+def build_adv_attack(settings: Mapping[str, Any] | None) -> "MultiLabelAttack | None":
+    """The untargeted all-findings attack that ``settings`` (from :func:`check_adv_train`) ask for, or None.
+
+    Only the attacks whose loss is plain cross-entropy can push the whole label
+    vector at once (``target=all``); the others would attack one finding per image.
+    """
+    if settings is None or settings["attack"] is None:
+        return None
+    from causal_ie.attacks.factory import ATTACKS, LOSS_ONLY, MultiLabelAttack
+
+    name = settings["attack"]
+    if name not in LOSS_ONLY:
+        problem = "cannot attack all findings at once" if name in ATTACKS else "is not known"
+        raise ValueError(
+            f"model.adv_train.attack={name!r} {problem}; adversarial training needs one of {', '.join(LOSS_ONLY)}"
+        )
+    params: dict[str, Any] = {}
+    if name == "fgsm":  # one step of size eps: steps and alpha do not apply
+        if settings["alpha"] is not None:
+            raise ValueError("model.adv_train.alpha: fgsm takes a single step of size eps; set alpha to null")
+    else:
+        params = {"steps": settings["steps"], "alpha": settings["alpha"]}
+    try:
+        return MultiLabelAttack(name, target="all", mode="untargeted", eps=settings["eps"], **params)
+    except ValueError as err:
+        raise ValueError(f"model.adv_train: {err}") from err
 
 
 class Classifier(L.LightningModule):
@@ -30,6 +108,11 @@ class Classifier(L.LightningModule):
         image_size: the size the model is trained at; recorded in the
             checkpoint so evaluation can check it fits the data.
         pos_weight: per-finding positive weights for BCE (list), or None.
+        adv_train: adversarial training (Madry et al. 2018), or None: ``attack``
+            (``pgd``, ``fgsm``, ``bim``, ``pgdl2`` or null for standard training),
+            ``eps``, ``steps``, ``alpha`` (null: 2.5 * eps / steps) and ``ratio``,
+            the share of training batches replaced by their adversarial version
+            (see :meth:`is_adversarial_batch`). Validation and test stay clean.
     """
 
     def __init__(
@@ -49,6 +132,7 @@ class Classifier(L.LightningModule):
         lr_factor: float = 0.1,
         lr_patience: int = 1,
         pos_weight: list[float] | None = None,
+        adv_train: Mapping[str, Any] | None = None,
     ):
         super().__init__()
         findings = [str(f) for f in findings]
@@ -56,6 +140,9 @@ class Classifier(L.LightningModule):
             raise ValueError(
                 f"model.pos_weight has {len(pos_weight)} values, expected one per finding ({len(findings)})"
             )
+        # validate before building the backbone, so a typo fails fast
+        adv_train = check_adv_train(adv_train)
+        self.adv_attack = build_adv_attack(adv_train)
         # Plain Python types only, so checkpoints load with weights_only=True.
         self.save_hyperparameters(
             dict(
@@ -74,6 +161,7 @@ class Classifier(L.LightningModule):
                 lr_factor=float(lr_factor),
                 lr_patience=int(lr_patience),
                 pos_weight=None if pos_weight is None else [float(w) for w in pos_weight],
+                adv_train=adv_train,
             )
         )
         self.findings = tuple(findings)
@@ -106,8 +194,49 @@ class Classifier(L.LightningModule):
             logits, labels, pos_weight=self.pos_weight
         )
 
+    def is_adversarial_batch(self, batch_idx: int) -> bool:
+        """Whether training batch ``batch_idx`` is replaced by its adversarial version.
+
+        A fixed schedule rather than a coin flip: batch i is adversarial when
+        ``floor((i + 1) * ratio) > floor(i * ratio)``, so each epoch's first n
+        batches hold floor(n * ratio) adversarial ones (ratio 0.5: every second
+        batch), the same in every run and after resuming mid-epoch, and no random
+        state has to be checkpointed.
+        """
+        if self.adv_attack is None:
+            return False
+        ratio = self.hparams.adv_train["ratio"]
+        return math.floor((batch_idx + 1) * ratio) > math.floor(batch_idx * ratio)
+
+    def adversarial_images(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """``self.adv_attack``'s images against the current weights, in eval mode.
+
+        Eval mode so that the attack's forward passes neither update BatchNorm
+        running statistics nor drop units (the attack runs one clean pass itself
+        before torchattacks switches modes, and torchattacks then restores the
+        mode of its wrapper, not of this model). Every submodule's own mode is
+        restored afterwards. The attack asks autograd for input gradients only,
+        so parameters' ``.grad`` stay untouched.
+        """
+        if self.adv_attack is None:
+            raise RuntimeError("adversarial_images needs model.adv_train.attack (adversarial training is off)")
+        modes = [(module, module.training) for module in self.modules()]
+        self.eval()
+        try:
+            adv = self.adv_attack(self, images.detach(), labels.detach(), findings=self.findings)
+        finally:
+            for module, training in modes:
+                module.training = training
+        return adv.images
+
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        logits = self(batch["image"])
+        images = batch["image"]
+        if self.adv_attack is not None:
+            adversarial = self.is_adversarial_batch(batch_idx)
+            if adversarial:
+                images = self.adversarial_images(images, batch["labels"])
+            self.log("train/adv_batch", float(adversarial), batch_size=len(images))
+        logits = self(images)
         loss = self.loss(logits, batch["labels"])
         self.log("train/loss", loss, prog_bar=True, batch_size=len(logits))
         return loss
