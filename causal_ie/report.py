@@ -206,6 +206,46 @@ def attack_section(results: Mapping[str, Any]) -> list[str]:
     return parts
 
 
+COUNTERFACTUAL_COLUMNS = ("n", "confidence_before", "confidence_after", "success_rate", "l0", "l1_5", "box_mass_share")
+
+
+def counterfactual_section(results: Mapping[str, Any]) -> list[str]:
+    """report.md lines for a counterfactual run: one row per method, then the shortcut comparison."""
+    summary = results.get("counterfactual")
+    if not summary:
+        return []
+    cols = [c for c in COUNTERFACTUAL_COLUMNS if any(c in s for s in summary.values())]
+    parts = [
+        "## Counterfactuals",
+        "",
+        "confidence: the target finding's probability before/after; success: the counterfactual "
+        "crossed 0.5 in the asked direction; l0/l1_5: size of the change; box_mass_share: share of "
+        "the change inside the lesion box.",
+        "",
+        "| method | " + " | ".join(cols) + " |",
+        "|" + "---|" * (len(cols) + 1),
+    ]
+    parts += ["| " + " | ".join([m, *(_fmt(s.get(c, float("nan"))) for c in cols)]) + " |" for m, s in summary.items()]
+    parts.append("")
+    shortcut = {m: s["shortcut"] for m, s in summary.items() if "shortcut" in s}
+    if shortcut:
+        finding = next(iter(shortcut.values()))["finding"]
+        parts += [
+            f"Share of the change on the planted marker: counterfactuals for {finding} (the finding the "
+            "marker was planted with) against those for the other findings.",
+            "",
+            f"| method | {finding} | other findings | pairs with marker ({finding} / others) |",
+            "|---|---|---|---|",
+        ]
+        parts += [
+            f"| {m} | {_fmt(v['marker_mass_share'])} | {_fmt(v['marker_mass_share_other_findings'])} | "
+            f"{v['n_with_marker']} / {v['n_with_marker_other_findings']} |"
+            for m, v in shortcut.items()
+        ]
+        parts.append("")
+    return parts
+
+
 def write_report(
     out_dir: str | Path,
     results: Mapping[str, Any],
@@ -238,6 +278,7 @@ def write_report(
             "",
         ]
     parts += attack_section(results)
+    parts += counterfactual_section(results)
     for caption, fig in figures.items():
         rel = Path(fig).relative_to(out_dir) if Path(fig).is_absolute() else Path(fig)
         parts += [f"### {caption}", "", f"![{caption}]({rel.as_posix()})", ""]

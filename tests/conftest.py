@@ -19,15 +19,20 @@ sys.path.insert(0, str(TESTS))  # fixture factories such as nih_fixtures
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
-# Tiny but real: the default config with few, small images and one short epoch.
-TINY_TRAIN = [
-    "model=tiny",
+# few, small synthetic images, no logger: shared by the train and evaluate configs of the tests
+TINY_DATA = [
     "logger=none",
     "data.image_size=32",
     "data.batch_size=16",
     "data.synthetic.num_train=64",
     "data.synthetic.num_val=32",
     "data.synthetic.num_test=32",
+]
+
+# Tiny but real: the default config with few, small images and one short epoch.
+TINY_TRAIN = [
+    "model=tiny",
+    *TINY_DATA,
     "trainer.max_epochs=1",
     "+trainer.limit_train_batches=2",
     "+trainer.limit_val_batches=2",
@@ -40,12 +45,7 @@ TINY_TRAIN = [
 
 # evaluate.py on the tiny checkpoint: few images, short deletion curves
 TINY_EVAL = [
-    "logger=none",
-    "data.image_size=32",
-    "data.batch_size=16",
-    "data.synthetic.num_train=64",
-    "data.synthetic.num_val=32",
-    "data.synthetic.num_test=32",
+    *TINY_DATA,
     "data.test_subset=12",
     "latent.batch_size=16",
     "cams=[gradcam]",

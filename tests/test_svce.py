@@ -223,3 +223,7 @@ def test_command_writes_results_figures_and_report(train_cfg, tmp_path):
         assert path.is_file() and path.stat().st_size > 1000
     report = (out / "report.md").read_text()
     assert "figures/counterfactuals.png" in report and "figures/mass_shares.png" in report
+    # the numbers are in the report too, not only in results.json
+    assert "## Counterfactuals" in report
+    assert f"| svce | {saved['counterfactual.svce.n']} |" in report
+    assert "planted marker: counterfactuals for Pneumothorax" in report

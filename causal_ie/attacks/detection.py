@@ -18,8 +18,6 @@ one run (e.g. one attack) can be scored on another (:func:`transfer_matrix`).
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +32,8 @@ from sklearn.metrics import roc_auc_score, roc_curve
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import FunctionTransformer, StandardScaler
 from torch import Tensor
+
+from causal_ie.io import atomic_open
 
 DETECTORS: tuple[str, ...] = ("logistic", "gbm")
 
@@ -349,27 +349,18 @@ class DetectionData:
 
 
 def save_detection_data(path: str | Path, data: DetectionData) -> Path:
-    """Write ``data`` as a compressed ``.npz`` at exactly ``path``, atomically (temp file + ``os.replace``)."""
+    """Write ``data`` as a compressed ``.npz`` at exactly ``path``, atomically."""
+    with atomic_open(path, "wb") as f:
+        np.savez_compressed(
+            f,
+            features_clean=data.features_clean,
+            features_adv=data.features_adv,
+            feature_names=np.array(data.feature_names, dtype=str),
+            ids=np.array(data.ids, dtype=str),
+            groups=np.array(data.groups, dtype=str),
+            seed=np.array(data.seed, dtype=np.int64),
+        )
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez_compressed(
-                f,
-                features_clean=data.features_clean,
-                features_adv=data.features_adv,
-                feature_names=np.array(data.feature_names, dtype=str),
-                ids=np.array(data.ids, dtype=str),
-                groups=np.array(data.groups, dtype=str),
-                seed=np.array(data.seed, dtype=np.int64),
-            )
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path
 
 
