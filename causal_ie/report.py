@@ -193,15 +193,17 @@ def attack_section(results: Mapping[str, Any]) -> list[str]:
     if scored:
         parts += [
             f"### Detection ({det.get('detector', '?')} detector, trained on one patient-grouped half, "
-            "scored on the other)",
+            "scored on the other; mean over splits)",
             "",
-            "| features | AUROC | TPR at 5% FPR | train images | test images |",
-            "|---|---|---|---|---|",
+            "| features | AUROC | ± std over splits | TPR at 5% FPR | splits | train / test images |",
+            "|---|---|---|---|---|---|",
         ]
         parts += [
-            f"| {k} | {_fmt(v.get('auroc'))} | {_fmt(v.get('tpr@5fpr'))} | {v.get('n_train', '?')} | {v.get('n_test', '?')} |"
+            f"| {k} | {_fmt(v.get('auroc'))} | {_fmt(v.get('auroc_std', float('nan')))} | {_fmt(v.get('tpr@5fpr'))} | "
+            f"{v.get('splits', 1)} | {v.get('n_train', '?')} / {v.get('n_test', '?')} |"
             for k, v in scored.items()
         ]
+        parts += ["", "ROC curves: the first split."]
         parts.append("")
     return parts
 
@@ -363,7 +365,9 @@ def summarize(sweep_dir: str | Path, metrics: Sequence[str] | None = None) -> di
         values = pd.to_numeric(df[param], errors="coerce")
         if values.isna().all() or values.nunique() < 2:
             continue
-        out[f"plot_{param}"] = _plot_against(df.assign(_x=values), param, shown, sweep_dir / f"summary_{param}.png", params)
+        plot = _plot_against(df.assign(_x=values), param, shown, sweep_dir / f"summary_{param}.png", params)
+        if plot is not None:
+            out[f"plot_{param}"] = plot
     return out
 
 
@@ -398,22 +402,43 @@ def _markdown_matrix(matrix: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def _plot_against(df: pd.DataFrame, param: str, metrics: Sequence[str], path: Path, params: Sequence[str]) -> Path:
-    # one line per combination of the other swept settings
+def _panels(df: pd.DataFrame, metrics: Sequence[str]) -> dict[str, list[str]]:
+    """Plot panels: metrics that vary between runs, the detectors' AUROCs sharing one panel."""
+    varying = [m for m in metrics if pd.to_numeric(df[m], errors="coerce").nunique(dropna=True) > 1]
+    panels: dict[str, list[str]] = {}
+    for m in varying:
+        parts = m.split(".")
+        if parts[0] == "detection" and parts[-1] == "auroc":
+            panels.setdefault("detection AUROC (held-out half)", []).append(m)
+        else:
+            panels[m] = [m]
+    return panels
+
+
+def _plot_against(df: pd.DataFrame, param: str, metrics: Sequence[str], path: Path, params: Sequence[str]) -> Path | None:
+    # one line per metric of a panel and per combination of the other swept settings
+    panels = _panels(df, metrics)
+    if not panels:
+        return None
     others = [p for p in params if p != param]
-    fig, axes = plt.subplots(1, len(metrics), figsize=(3.6 * len(metrics), 3), squeeze=False)
+    ncols = min(len(panels), 4)
+    nrows = math.ceil(len(panels) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.8 * ncols, 3.1 * nrows), squeeze=False)
     keys = df[others].astype(str) if others else None  # lists etc. are not hashable
-    groups = df.groupby([keys[o] for o in others], dropna=False) if others else [((), df)]
-    for key, group in groups:
-        g = group.sort_values("_x")
-        label = ", ".join(f"{o}={v}" for o, v in zip(others, key if isinstance(key, tuple) else (key,))) or None
-        for ax, m in zip(axes[0], metrics):
-            ax.plot(g["_x"], pd.to_numeric(g[m], errors="coerce"), marker="o", label=label)
-    for ax, m in zip(axes[0], metrics):
+    groups = list(df.groupby([keys[o] for o in others], dropna=False)) if others else [((), df)]
+    for ax, (title, names) in zip(axes.flat, panels.items()):
+        for key, group in groups:
+            g = group.sort_values("_x")
+            setting = ", ".join(f"{o}={v}" for o, v in zip(others, key if isinstance(key, tuple) else (key,)))
+            for m in names:
+                label = ", ".join(x for x in (m.split(".")[1] if len(names) > 1 else "", setting) if x) or None
+                ax.plot(g["_x"], pd.to_numeric(g[m], errors="coerce"), marker="o", label=label)
         ax.set_xlabel(param)
-        ax.set_title(m, fontsize=8)
-    if others:
-        axes[0, -1].legend(fontsize=6)
+        ax.set_title(title, fontsize=9)
+        if len(names) > 1 or others:
+            ax.legend(fontsize=6)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.set_visible(False)
     fig.tight_layout()
     return _save(fig, path)
 

@@ -74,7 +74,8 @@ class AttackEvaluation(nn.Module):
         noise_std, noise_draws: the ``noise_flip`` baseline.
         top_fraction: for the ``topk_mass`` statistic.
         examples: how many images to keep for the clean-vs-adversarial figure.
-        seed: the split into detector train/test halves.
+        repeats: detection scores are averaged over this many patient-grouped splits.
+        seed: the first split's seed.
     """
 
     def __init__(
@@ -87,6 +88,7 @@ class AttackEvaluation(nn.Module):
         noise_draws: int = 4,
         top_fraction: float = 0.05,
         examples: int = 4,
+        repeats: int = 5,
         seed: int = 0,
     ):
         super().__init__()
@@ -98,7 +100,9 @@ class AttackEvaluation(nn.Module):
         self.explainers = dict(explainers)
         self.detector = detector
         self.noise_std, self.noise_draws = noise_std, noise_draws
-        self.top_fraction, self.n_examples, self.seed = top_fraction, examples, seed
+        if int(repeats) < 1:
+            raise ValueError(f"detection.repeats must be >= 1, got {repeats}")
+        self.top_fraction, self.n_examples, self.repeats, self.seed = top_fraction, examples, int(repeats), seed
         self.auroc_adv = MultilabelAUROC(num_labels=len(self.findings), average=None)
         self.rows = _Rows()
         self.columns: list[str] = []
@@ -249,14 +253,10 @@ class AttackEvaluation(nn.Module):
         for label, names in sets.items():
             clean = np.stack([col[f"feature.{f}.clean"] for f in names], axis=1)
             adv = np.stack([col[f"feature.{f}.adv"] for f in names], axis=1)
-            result = detect(clean, adv, groups, seed=self.seed, kind=self.detector)
-            detection[label] = result.as_dict()
-            curves[label] = (result.fpr, result.tpr, result.auroc)
+            detection[label], curves[label] = self._repeated(clean, adv, groups, self.detector)
         for baseline in BASELINES:
             clean, adv = col[f"baseline.{baseline}.clean"], col[f"baseline.{baseline}.adv"]
-            result = detect(clean[:, None], adv[:, None], groups, seed=self.seed, kind="logistic")
-            detection[baseline] = result.as_dict()
-            curves[baseline] = (result.fpr, result.tpr, result.auroc)
+            detection[baseline], curves[baseline] = self._repeated(clean[:, None], adv[:, None], groups, "logistic")
         data = DetectionData(
             features_clean=np.stack([col[f"feature.{f}.clean"] for f in feats], axis=1),
             features_adv=np.stack([col[f"feature.{f}.adv"] for f in feats], axis=1),
@@ -266,6 +266,21 @@ class AttackEvaluation(nn.Module):
             seed=self.seed,
         )
         return detection, curves, data
+
+    def _repeated(self, clean: np.ndarray, adv: np.ndarray, groups: list[str], kind: str):
+        """Detection scores averaged over ``repeats`` patient-grouped splits (seed, seed+1, ...):
+        with a few hundred images one split's AUROC moves by several hundredths.
+        The ROC curve is the first split's."""
+        runs = [detect(clean, adv, groups, seed=self.seed + r, kind=kind) for r in range(self.repeats)]
+        scores = runs[0].as_dict()
+        aurocs = np.array([r.auroc for r in runs])
+        scores.update(
+            auroc=float(aurocs.mean()),
+            **{"tpr@5fpr": float(np.mean([r.tpr_at_5fpr for r in runs]))},
+            auroc_std=float(aurocs.std()),
+            splits=self.repeats,
+        )
+        return scores, (runs[0].fpr, runs[0].tpr, runs[0].auroc)
 
 
 def _focus_finding(attacked: Tensor, probs: Tensor) -> Tensor:
