@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -19,6 +20,7 @@ from causal_ie.counterfactuals import (
 )
 from causal_ie.data import FINDINGS
 from causal_ie.explain.metrics import box_masks
+from causal_ie.models import Classifier
 
 SIZE = 16
 # (x, y, w, h) of the region each of the first three findings looks at
@@ -227,3 +229,13 @@ def test_command_writes_results_figures_and_report(train_cfg, tmp_path):
     assert "## Counterfactuals" in report
     assert f"| svce | {saved['counterfactual.svce.n']} |" in report
     assert "planted marker: counterfactuals for Pneumothorax" in report
+    # each figure row carries the CE map of its finding, computed on the same image
+    from causal_ie.explain.explainers import PatchCE
+
+    rows = objects["figure_rows"]
+    assert rows and all(row["ce"].shape == (32, 32) for row in rows)
+    pairs = objects["pairs"]
+    i = rows[0]["pair"]
+    ce = PatchCE(size=8, stride=4)(Classifier.load(tmp_path / "checkpoints" / "best.ckpt"), pairs.images[i : i + 1],
+                                   torch.tensor([0]), pairs.finding[i : i + 1])
+    np.testing.assert_allclose(rows[0]["ce"], ce[0].numpy(), atol=1e-6)

@@ -26,6 +26,7 @@ from torch.utils.data import Dataset, Subset
 from causal_ie.counterfactuals.figures import plot_counterfactuals, plot_mass_shares
 from causal_ie.counterfactuals.svce import CounterfactualGenerator, CounterfactualResult, finding_indices
 from causal_ie.evaluation import check_compatible, find_checkpoint
+from causal_ie.explain.explainers import Explainer
 from causal_ie.models import Classifier
 from causal_ie.report import write_report, write_results
 
@@ -160,6 +161,7 @@ def _figure_rows(
         i = int((pairs.finding == k).nonzero()[0])
         rows.append(
             {
+                "pair": i,
                 "image": pairs.images[i, 0].numpy(),
                 "box": pairs.boxes[i].tolist(),
                 "marker_box": pairs.marker_boxes[i].tolist(),
@@ -172,6 +174,17 @@ def _figure_rows(
             }
         )
     return rows
+
+
+def _add_ce_maps(rows: list[dict], pairs: FindingPairs, classifier: torch.nn.Module, explainer: Explainer) -> None:
+    """Each figure row's CE map of its finding (``row["ce"]``), to set beside the counterfactuals."""
+    if not rows:
+        return
+    idx = torch.tensor([row["pair"] for row in rows])
+    images = pairs.images[idx].to(next(classifier.parameters()).device)
+    maps = explainer(classifier, images, torch.arange(len(rows)), pairs.finding[idx])
+    for row, m in zip(rows, maps.cpu().numpy()):
+        row["ce"] = m
 
 
 def run_counterfactuals(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -219,6 +232,8 @@ def run_counterfactuals(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]
     write_results(out_dir, results)
     fig_dir = out_dir / "figures"
     rows = _figure_rows(pairs, per_method, names, settings.direction, int(settings.figure_rows), shortcut)
+    if cfg.get("ce"):
+        _add_ce_maps(rows, pairs, classifier, instantiate(cfg.ce, _convert_="all"))
     figures = {
         f"Counterfactuals ({settings.direction}): image with lesion box (green) and marker (orange), "
         "then per method the counterfactual and its change": plot_counterfactuals(rows, list(methods), fig_dir / "counterfactuals.png"),
@@ -226,7 +241,13 @@ def run_counterfactuals(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]
     }
     write_report(out_dir, results, figures, title="causal-ie sparse visual counterfactuals")
     _print_summary(summary, out_dir)
-    return results, {"pairs": pairs, "counterfactuals": per_method, "datamodule": datamodule, "figures": figures}
+    return results, {
+        "pairs": pairs,
+        "counterfactuals": per_method,
+        "datamodule": datamodule,
+        "figures": figures,
+        "figure_rows": rows,
+    }
 
 
 def _print_summary(summary: dict[str, Any], out_dir: Path) -> None:

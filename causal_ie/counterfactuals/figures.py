@@ -18,15 +18,18 @@ LESION, MARKER = "lime", "orange"
 
 
 def plot_counterfactuals(rows: Sequence[Mapping[str, Any]], methods: Sequence[str], path: str | Path) -> Path:
-    """One row per (image, finding): the image, then per method the counterfactual and ``z - x``.
+    """One row per (image, finding): the image, its CE map (when rows hold ``ce``), then per
+    method the counterfactual and ``z - x``.
 
     A row holds ``image`` [H,W], ``box`` and ``marker_box`` (x, y, w, h; NaN:
-    none), ``finding``, ``direction``, ``before`` and per method
-    ``counterfactuals[m] = {"image": [H,W], "after": float}``. The lesion box
+    none), ``finding``, ``direction``, ``before``, optionally ``ce`` [H,W], and per
+    method ``counterfactuals[m] = {"image": [H,W], "after": float}``. The lesion box
     is drawn in green, the shortcut marker's box in orange; the change uses
     one symmetric red-blue scale per row so methods compare at a glance.
     """
-    n_cols = 1 + 2 * len(methods)
+    with_ce = any("ce" in row for row in rows)
+    first = 2 if with_ce else 1
+    n_cols = first + 2 * len(methods)
     fig, axes = plt.subplots(len(rows), n_cols, figsize=(2.0 * n_cols, 2.2 * len(rows)), squeeze=False)
     for r, row in enumerate(rows):
         image = np.asarray(row["image"], dtype=float)
@@ -35,14 +38,24 @@ def plot_counterfactuals(rows: Sequence[Mapping[str, Any]], methods: Sequence[st
         _draw_box(ax, row["box"], LESION)
         _draw_box(ax, row["marker_box"], MARKER)
         ax.set_title(f"{row['finding']} ({row['direction']})\ny={row['before']:.2f}", fontsize=8)
+        if with_ce and "ce" in row:
+            ce = np.asarray(row["ce"], dtype=float)
+            v = max(float(np.abs(ce).max()), 1e-6)
+            ax = axes[r, 1]
+            im = ax.imshow(ce, cmap="RdBu_r", vmin=-v, vmax=v)
+            ax.imshow(image, cmap="gray", alpha=0.25, vmin=0, vmax=1)
+            _draw_box(ax, row["box"], LESION)
+            _draw_box(ax, row["marker_box"], MARKER)
+            ax.set_title("CE map", fontsize=8)
+            fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02).ax.tick_params(labelsize=5)
         changes = {m: np.asarray(row["counterfactuals"][m]["image"], dtype=float) - image for m in methods}
         scale = max(max(float(np.abs(c).max()) for c in changes.values()), 1e-6)
         for c, method in enumerate(methods):
             cf = row["counterfactuals"][method]
-            ax = axes[r, 1 + 2 * c]
+            ax = axes[r, first + 2 * c]
             ax.imshow(cf["image"], cmap="gray", vmin=0, vmax=1)
             ax.set_title(f"{method}\ny={cf['after']:.2f}", fontsize=8)
-            ax = axes[r, 2 + 2 * c]
+            ax = axes[r, first + 1 + 2 * c]
             im = ax.imshow(changes[method], cmap="RdBu_r", vmin=-scale, vmax=scale)
             _draw_box(ax, row["box"], LESION)
             _draw_box(ax, row["marker_box"], MARKER)
