@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig
@@ -60,3 +61,19 @@ def run_task(task: Callable[[DictConfig], tuple[dict, dict]], cfg: DictConfig) -
     if name not in metrics:
         raise KeyError(f"optimized_metric={name!r} is not among the metrics: {sorted(metrics)}")
     return float(metrics[name])
+
+
+class SummarizeSweep(Callback):
+    """Hydra callback: after a multirun of evaluate.py, write its summary table and plots
+    (``python -m causal_ie.report summarize <sweep dir>``), so a sweep is one command."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        from causal_ie.report import summarize
+
+        sweep_dir = Path(config.hydra.sweep.dir)
+        try:
+            outputs = summarize(sweep_dir)
+        except (FileNotFoundError, ValueError) as err:  # e.g. every point failed: the runs say why
+            log.warning("no sweep summary for %s: %s", sweep_dir, err)
+            return
+        log.info("sweep summary: %s", outputs["md"])
