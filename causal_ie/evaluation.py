@@ -10,15 +10,13 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from causal_ie.attacks.detection import save_detection_data
 from causal_ie.attacks.evaluation import AttackEvaluation
-from causal_ie.attacks.figures import plot_clean_vs_adversarial, plot_roc_curves, plot_statistic_histograms
 from causal_ie.explain.cam import CAMExplainer
 from causal_ie.explain.explainers import Explainer
 from causal_ie.lightning.callbacks import CEMapLogger
 from causal_ie.lightning.evaluation import CEEvaluation
 from causal_ie.models import Classifier
-from causal_ie.report import DETECTION_FILE, write_report, write_results
+from causal_ie.report import write_report, write_results
 from causal_ie.runs import instantiate_dict
 
 log = logging.getLogger(__name__)
@@ -78,23 +76,6 @@ def build_attack_evaluation(cfg: DictConfig, classifier: Classifier, explainers:
     return AttackEvaluation(attack, classifier.findings, ce, seed=int(cfg.seed), **cfg.get("detection", {}))
 
 
-def write_attack_figures(out_dir: Path, artefacts: dict[str, Any]) -> dict[str, Path]:
-    """Clean-vs-adversarial maps, statistic histograms, ROC curves; ``detection.npz`` for transfer."""
-    fig_dir = out_dir / "figures"
-    figures: dict[str, Path] = {}
-    if artefacts.get("examples"):
-        figures["CE maps, clean vs adversarial"] = plot_clean_vs_adversarial(
-            artefacts["examples"], fig_dir / "adversarial_maps.png"
-        )
-    stats = artefacts["statistics"]
-    figures["CE statistics, clean vs adversarial"] = plot_statistic_histograms(
-        stats["clean"], stats["adv"], fig_dir / "adversarial_statistics.png"
-    )
-    figures["Detection ROC (held-out half)"] = plot_roc_curves(artefacts["roc"], fig_dir / "detection_roc.png")
-    save_detection_data(out_dir / DETECTION_FILE, artefacts["detection_data"])
-    return figures
-
-
 def evaluate(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     """Load the classifier, run CEEvaluation over the test split, write results.json + report.md."""
     L.seed_everything(cfg.seed, workers=True)
@@ -124,10 +105,7 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     }
     if trainer.is_global_zero:
         write_results(out_dir, results)
-        all_figures = dict(figures.figures)
-        if module.attack_artefacts:
-            all_figures.update(write_attack_figures(out_dir, module.attack_artefacts))
-        write_report(out_dir, results, all_figures)
+        write_report(out_dir, results, figures.figures)
         _print_summary(results, out_dir)
     return results, {"module": module, "trainer": trainer, "datamodule": datamodule, "figures": figures.figures}
 
@@ -139,6 +117,7 @@ def _print_summary(results: dict[str, Any], out_dir: Path) -> None:
     if "attack" in results:
         a, d = results["attack"], results["detection"]
         print(f"attack {a['name']} eps={a['eps']}: success rate {a['success_rate']:.3f}, AUROC under attack {a['auroc_mean']:.3f}")
-        for name in ("ce", *(k for k in d if k not in ("ce", "detector", "features"))):
-            print(f"detection {name:>12}: AUROC {d[name]['auroc']:.3f}, TPR@5%FPR {d[name]['tpr@5fpr']:.3f}")
+        for name, scores in d.items():
+            if isinstance(scores, dict):  # one entry per detector; the rest are settings
+                print(f"detection {name:>12}: AUROC {scores['auroc']:.3f}, TPR@5%FPR {scores['tpr@5fpr']:.3f}")
     print(f"results: {out_dir / 'results.json'}\nreport:  {out_dir / 'report.md'}")

@@ -350,15 +350,14 @@ def summarize(sweep_dir: str | Path, metrics: Sequence[str] | None = None) -> di
     md = ["| " + " | ".join(table.columns) + " |", "|" + "---|" * len(table.columns)]
     md += ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in table.itertuples(index=False)]
     atomic_write_text(out["md"], f"# Sweep {sweep_dir.name}\n\n" + "\n".join(md) + "\n")
-    transfer = _detection_transfer(sweep_dir, df, params)
-    if transfer:
-        out.update(transfer)
-        matrix = pd.read_csv(transfer["transfer_csv"], index_col=0)
+    for stem, (context, csv, png) in _detection_transfer(sweep_dir, df, params).items():
+        out[f"{stem}_csv"], out[f"{stem}_png"] = csv, png
+        title = "Detection transfer" + (f" ({context})" if context else "")
         atomic_write_text(
             out["md"],
             out["md"].read_text()
-            + "\n## Detection transfer (AUROC; rows: trained on, columns: tested on, unseen patients)\n\n"
-            + _markdown_matrix(matrix)
+            + f"\n## {title}\n\nAUROC; rows: trained on, columns: tested on (unseen patients; first split).\n\n"
+            + _markdown_matrix(pd.read_csv(csv, index_col=0))
             + "\n",
         )
     for param in params:
@@ -374,26 +373,39 @@ def summarize(sweep_dir: str | Path, metrics: Sequence[str] | None = None) -> di
 DETECTION_FILE = "detection.npz"
 
 
-def _detection_transfer(sweep_dir: Path, df: pd.DataFrame, params: Sequence[str]) -> dict[str, Path]:
-    """Train the CE detector on each attacked run and test it on every other (``transfer.csv/png``)."""
+def _detection_transfer(sweep_dir: Path, df: pd.DataFrame, params: Sequence[str]) -> dict[str, tuple[str, Path, Path]]:
+    """Train the CE detector on each attacked run and test it on every other.
+
+    Only runs that differ in attack settings alone are compared (a detector
+    trained on 8 px CE maps says nothing about 16 px ones): one matrix per
+    combination of the other swept settings, ``transfer[_<i>].csv/png``. The
+    detector is the runs' ``detection.detector``, on each run's first split.
+    """
     from causal_ie.attacks.detection import load_detection_data, transfer_matrix
     from causal_ie.attacks.figures import plot_transfer_matrix
 
-    runs = {}
+    attack_params = [p for p in params if p == "attack" or p.startswith("attack.")]
+    other_params = [p for p in params if p not in attack_params]
+    groups: dict[str, dict[str, Any]] = {}
     for _, row in df.iterrows():
         path = sweep_dir / str(row["run"]) / DETECTION_FILE
-        if path.is_file():
-            label = ", ".join(f"{p}={row[p]}" for p in params)
-            runs[label or str(row["run"])] = load_detection_data(path)
-    if len(runs) < 2:
-        return {}
-    names = {tuple(d.feature_names) for d in runs.values()}
-    if len(names) > 1:
-        log.warning("runs have different CE features (mask or latent settings differ): no transfer matrix")
-        return {}
-    matrix = transfer_matrix(runs)
-    csv = atomic_write_text(sweep_dir / "transfer.csv", matrix.to_csv())
-    return {"transfer_csv": csv, "transfer_png": plot_transfer_matrix(matrix, sweep_dir / "transfer.png")}
+        if not path.is_file():
+            continue
+        context = ", ".join(f"{p}={row[p]}" for p in other_params)
+        label = ", ".join(f"{p}={row[p]}" for p in attack_params) or str(row["run"])
+        groups.setdefault(context, {})[label] = load_detection_data(path)
+    kind = str(df["detection.detector"].dropna().iloc[0]) if "detection.detector" in df and df["detection.detector"].notna().any() else "logistic"
+    out = {}
+    comparable = {c: runs for c, runs in groups.items() if len(runs) >= 2}
+    for i, (context, runs) in enumerate(comparable.items()):
+        if len({tuple(d.feature_names) for d in runs.values()}) > 1:
+            log.warning("runs %s have different CE features: no transfer matrix", context or "of this sweep")
+            continue
+        matrix = transfer_matrix(runs, kind=kind)
+        stem = "transfer" if len(comparable) == 1 else f"transfer_{i}"
+        csv = atomic_write_text(sweep_dir / f"{stem}.csv", matrix.to_csv())
+        out[stem] = (context, csv, plot_transfer_matrix(matrix, sweep_dir / f"{stem}.png"))
+    return out
 
 
 def _markdown_matrix(matrix: pd.DataFrame) -> str:

@@ -52,11 +52,23 @@ def test_attacked_evaluation_writes_attack_and_detection_results(tmp_path, check
 def test_detector_scores_chance_when_adversarial_images_are_clean_copies(tmp_path, checkpoint):
     """eps=0: the 'adversarial' images equal the clean ones, so no feature can tell them
     apart; an AUROC away from 0.5 would mean the halves or the labels leak."""
-    cfg = eval_cfg(tmp_path, checkpoint, *ATTACK_EVAL, "attack=fgsm", "attack.eps=0.0", "latent=null")
+    cfg = eval_cfg(tmp_path, checkpoint, *ATTACK_EVAL, "attack=fgsm", "attack.eps=0.0", "latent=null", "detection.pairs=all")
     results, _ = evaluate(cfg)
     assert results["attack"]["perturbation"]["linf"] == 0.0
     for name in ("ce", "max_prob", "noise_flip"):
         assert results["detection"][name]["auroc"] == pytest.approx(0.5, abs=1e-9), name
+
+
+def test_detection_on_changed_pairs_needs_images_the_attack_changed(tmp_path, checkpoint):
+    cfg = eval_cfg(tmp_path, checkpoint, *ATTACK_EVAL, "attack=fgsm", "attack.eps=0.0", "latent=null")
+    with pytest.raises(ValueError, match=r"at least 2 patients that the attack changed.*attack.eps"):
+        evaluate(cfg)
+
+
+def test_bad_detection_settings_fail_before_any_work(tmp_path, checkpoint):
+    cfg = eval_cfg(tmp_path, checkpoint, *ATTACK_EVAL, "attack=fgsm", "detection.detector=svm")
+    with pytest.raises(ValueError, match="detection.detector='svm'"):
+        evaluate(cfg)
 
 
 def test_unknown_attack_target_fails_before_any_work(tmp_path, checkpoint):

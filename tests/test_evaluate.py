@@ -86,12 +86,15 @@ def test_wandb_offline_run_holds_the_ce_map_images(tmp_path, checkpoint):
     run = tmp_path / "run"
     result = _cli(
         "evaluate.py",
-        [*TINY_EVAL, f"ckpt_path={checkpoint}", "logger=wandb", "data.test_subset=4", f"hydra.run.dir={run}"],
+        [*TINY_EVAL, f"ckpt_path={checkpoint}", "logger=wandb", "data.test_subset=6", "attack=fgsm",
+         "attack.eps=0.05", f"hydra.run.dir={run}"],
         tmp_path,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     media = list(run.glob("wandb/offline-run-*/files/media/images/**/*.png"))
     assert media, sorted(str(p.relative_to(run)) for p in run.rglob("*"))[:50]
+    # the attack study's figures (clean vs adversarial maps, histograms, ROC) are logged too
+    assert any("attack" in str(p) for p in media), sorted(str(p.relative_to(run)) for p in media)
     assert (run / "figures").is_dir()
 
 

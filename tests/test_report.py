@@ -79,3 +79,30 @@ def test_summarize_names_a_missing_or_empty_sweep(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no runs with results.json"):
         collect_sweep(tmp_path / "empty")
+
+
+def test_transfer_matrices_only_compare_runs_that_differ_in_attack_settings(tmp_path):
+    """A sweep over attack.eps x mask.size: one transfer matrix per mask size."""
+    import yaml
+
+    from causal_ie.attacks.detection import DetectionData, save_detection_data
+    from causal_ie.report import summarize
+
+    rng = np.random.default_rng(0)
+    groups = [f"p{i}" for i in range(20)]
+    for run, (eps, size) in enumerate([(0.01, 4), (0.02, 4), (0.01, 8), (0.02, 8)]):
+        d = tmp_path / str(run)
+        (d / ".hydra").mkdir(parents=True)
+        (d / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump([f"attack.eps={eps}", f"mask.size={size}"]))
+        write_results(d, {**_results(0.5, 0.5), "detection": {"detector": "logistic", "ce": {"auroc": 0.7}}})
+        clean = rng.normal(size=(20, 3))
+        save_detection_data(
+            d / "detection.npz",
+            DetectionData(clean, clean + eps * 100, ["a", "b", "c"], groups, groups, seed=0),
+        )
+    out = summarize(tmp_path)
+    assert {"transfer_0_csv", "transfer_1_csv"} <= set(out) and "transfer_csv" not in out
+    md = (tmp_path / "summary.md").read_text()
+    assert "Detection transfer (mask.size=4)" in md and "Detection transfer (mask.size=8)" in md
+    header = (tmp_path / "transfer_0.csv").read_text().splitlines()[0]
+    assert "attack.eps=0.01" in header and "mask.size" not in header

@@ -426,7 +426,7 @@ def transfer_auroc(source: DetectionData, target: DetectionData, kind: str = "lo
 def transfer_matrix(runs: Mapping[str, DetectionData], kind: str = "logistic") -> pd.DataFrame:
     """AUROC of every (source, target) pair: rows = source (trained on), columns = target (tested on).
 
-    The diagonal is each run's own held-out AUROC (same split as :func:`detect`).
+    The diagonal is each run's own held-out AUROC on the first split (``detect`` with ``seed``).
     One detector is fitted per source run.
     """
     names = list(runs)

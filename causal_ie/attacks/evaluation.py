@@ -22,6 +22,7 @@ from torchmetrics import Metric
 from torchmetrics.classification import MultilabelAUROC
 
 from causal_ie.attacks.detection import (
+    DETECTORS,
     DetectionData,
     detect,
     max_prob,
@@ -34,8 +35,7 @@ from causal_ie.explain.explainers import Explainer
 # per-image attack outcome columns (see _outcome)
 OUTCOME = ("eligible", "success", "flipped", "attacked", "linf", "l2", "l0")
 BASELINES = ("max_prob", "noise_flip")
-# characterisation statistics beyond STATISTICS: they need the clean map or the box
-PAIRED = ("box_share", "correlation_with_clean")
+PAIRS = ("changed", "all")
 
 
 def group_code(name: str) -> int:
@@ -74,6 +74,9 @@ class AttackEvaluation(nn.Module):
         noise_std, noise_draws: the ``noise_flip`` baseline.
         top_fraction: for the ``topk_mass`` statistic.
         examples: how many images to keep for the clean-vs-adversarial figure.
+        pairs: ``changed`` fits and scores the detectors on the images the attack
+            changed (APGD, Square and CW return the clean image where they fail,
+            which would be a clean copy labelled adversarial); ``all`` on every image.
         repeats: detection scores are averaged over this many patient-grouped splits.
         seed: the first split's seed.
     """
@@ -89,6 +92,7 @@ class AttackEvaluation(nn.Module):
         top_fraction: float = 0.05,
         examples: int = 4,
         repeats: int = 5,
+        pairs: str = "changed",
         seed: int = 0,
     ):
         super().__init__()
@@ -98,11 +102,23 @@ class AttackEvaluation(nn.Module):
         self.attack = attack
         self.findings = tuple(findings)
         self.explainers = dict(explainers)
-        self.detector = detector
-        self.noise_std, self.noise_draws = noise_std, noise_draws
-        if int(repeats) < 1:
-            raise ValueError(f"detection.repeats must be >= 1, got {repeats}")
-        self.top_fraction, self.n_examples, self.repeats, self.seed = top_fraction, examples, int(repeats), seed
+        # bad detection settings fail here, not after a whole test epoch of attacks
+        if detector not in DETECTORS:
+            raise ValueError(f"detection.detector={detector!r}: expected one of {', '.join(DETECTORS)}")
+        if pairs not in PAIRS:
+            raise ValueError(f"detection.pairs={pairs!r}: expected one of {', '.join(PAIRS)}")
+        for key, value, ok in (
+            ("noise_std", noise_std, noise_std >= 0),
+            ("noise_draws", noise_draws, int(noise_draws) >= 1),
+            ("top_fraction", top_fraction, 0 < top_fraction <= 1),
+            ("examples", examples, int(examples) >= 0),
+            ("repeats", repeats, int(repeats) >= 1),
+        ):
+            if not ok:
+                raise ValueError(f"detection.{key}={value!r} is out of range")
+        self.detector, self.pairs = detector, pairs
+        self.noise_std, self.noise_draws = float(noise_std), int(noise_draws)
+        self.top_fraction, self.n_examples, self.repeats, self.seed = top_fraction, int(examples), int(repeats), seed
         self.auroc_adv = MultilabelAUROC(num_labels=len(self.findings), average=None)
         self.rows = _Rows()
         self.columns: list[str] = []
@@ -112,6 +128,8 @@ class AttackEvaluation(nn.Module):
     def update(self, classifier: nn.Module, batch: Mapping[str, Any], clean_maps: Mapping[str, Tensor] | None = None) -> None:
         """Attack ``batch`` and record one row per image. ``clean_maps`` may hold maps
         [B, K, H, W] of the clean images already computed by the caller."""
+        if torch.is_inference_mode_enabled():
+            raise RuntimeError("attacks need gradients: set trainer.inference_mode=false (evaluate.yaml does)")
         images, labels = batch["image"], batch["labels"]
         with torch.no_grad():
             p_clean = classifier(images).sigmoid()
@@ -122,7 +140,9 @@ class AttackEvaluation(nn.Module):
         focus = _focus_finding(adv.attacked, p_clean)
         boxes = batch["boxes"][torch.arange(len(focus), device=focus.device), focus]
         columns: dict[str, Tensor] = dict(zip(OUTCOME, _outcome(adv, p_clean, p_adv, images).unbind(1)))
-        for column, names in (("group", batch.get("patient_id", batch["id"])), ("image", batch["id"])):
+        # detector halves are patient-disjoint; an image without a patient id is its own patient
+        patients = [p or i for p, i in zip(batch.get("patient_id", batch["id"]), batch["id"])]
+        for column, names in (("group", patients), ("image", batch["id"])):
             columns[column] = torch.tensor([float(group_code(g)) for g in names], dtype=torch.float64, device=images.device)
         maps_for_figure = {}
         for name, explainer in self.explainers.items():
@@ -158,6 +178,8 @@ class AttackEvaluation(nn.Module):
         cols[f"stat.{name}.correlation_with_clean.adv"] = map_correlation(a, b)
         # detector features: from each input's own maps and probabilities only
         for side, maps, probs in (("clean", m_clean, p_clean), ("adv", m_adv, p_adv)):
+            if maps.shape[1] == 1:  # one map for all findings (outcome=ece): "top" is that map
+                probs = probs.amax(1, keepdim=True)
             for feature, value in ce_features(maps, probs, prefix=f"{name}.", top_fraction=self.top_fraction).items():
                 cols[f"feature.{feature}.{side}"] = value
         return cols
@@ -241,14 +263,27 @@ class AttackEvaluation(nn.Module):
         return out
 
     def _detection(self, col: Mapping[str, np.ndarray]):
+        if self.pairs == "changed":
+            keep = col["l0"] > 0
+            col = {k: v[keep] for k, v in col.items()}
         groups = [str(int(g)) for g in col["group"]]
+        if len(set(groups)) < 2:
+            raise ValueError(
+                f"detection needs images of at least 2 patients that the attack changed, got {len(set(groups))}: "
+                "score more test images (data.test_subset) or a stronger attack (attack.eps)"
+            )
         feats = sorted({k[len("feature."): -len(".clean")] for k in col if k.startswith("feature.") and k.endswith(".clean")})
         # `ce`: every CE feature (input-space and latent maps); with both, each alone as well (`ce_input`, `ce_latent`)
         sets = {"ce": feats}
         if len(self.explainers) > 1:
             for name in self.explainers:
                 sets["ce_input" if name == "ce" else name] = [f for f in feats if f.startswith(f"{name}.")]
-        detection: dict[str, Any] = {"detector": self.detector, "features": len(feats)}
+        detection: dict[str, Any] = {
+            "detector": self.detector,
+            "features": len(feats),
+            "pairs": self.pairs,
+            "images": len(groups),
+        }
         curves: dict[str, tuple[np.ndarray, np.ndarray, float]] = {}
         for label, names in sets.items():
             clean = np.stack([col[f"feature.{f}.clean"] for f in names], axis=1)
@@ -261,6 +296,7 @@ class AttackEvaluation(nn.Module):
             features_clean=np.stack([col[f"feature.{f}.clean"] for f in feats], axis=1),
             features_adv=np.stack([col[f"feature.{f}.adv"] for f in feats], axis=1),
             feature_names=feats,
+            # 48-bit codes of the image and patient ids (the rows travel between processes as floats)
             ids=[str(int(i)) for i in col["image"]],
             groups=groups,
             seed=self.seed,

@@ -9,6 +9,7 @@ multi-label model look like the softmax classifier torchattacks expects.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -224,7 +225,11 @@ class MultiLabelAttack:
         elif targeted:
             # APGD has no targeted mode; with two classes, moving away from 1 - t is moving to t
             labels = 1 - labels
-        with torch.enable_grad():
+        # APGD and Square reseed torch's global generator: keep that inside the attack
+        forked = contextlib.ExitStack()
+        if self.name in ("apgd", "square"):
+            forked.enter_context(torch.random.fork_rng(devices=[images.device] if images.is_cuda else []))
+        with forked, torch.enable_grad():
             return atk(images, labels)
 
     def __repr__(self) -> str:

@@ -16,12 +16,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from causal_ie.report import _draw_box, _save  # also selects the Agg backend
+from causal_ie.attacks.detection import save_detection_data
+from causal_ie.report import DETECTION_FILE, _draw_box, _save  # also selects the Agg backend
 
 import matplotlib.pyplot as plt  # noqa: E402  (after report set the backend)
 from matplotlib.figure import Figure  # noqa: E402
 
 __all__ = [
+    "write_attack_figures",
     "plot_clean_vs_adversarial",
     "plot_roc_curves",
     "plot_statistic_histograms",
@@ -325,3 +327,21 @@ def plot_transfer_matrix(matrix: pd.DataFrame, path: str | Path) -> Path:
     cbar.set_label("detection AUROC", fontsize=7)
     fig.tight_layout()
     return _save(fig, path)
+
+
+def write_attack_figures(out_dir: str | Path, artefacts: Mapping[str, Any]) -> dict[str, Path]:
+    """Clean-vs-adversarial maps, statistic histograms, ROC curves; ``detection.npz`` for transfer."""
+    out_dir = Path(out_dir)
+    fig_dir = out_dir / "figures"
+    figures: dict[str, Path] = {}
+    if artefacts.get("examples"):
+        figures["CE maps, clean vs adversarial"] = plot_clean_vs_adversarial(
+            artefacts["examples"], fig_dir / "adversarial_maps.png"
+        )
+    stats = artefacts["statistics"]
+    figures["CE statistics, clean vs adversarial"] = plot_statistic_histograms(
+        stats["clean"], stats["adv"], fig_dir / "adversarial_statistics.png"
+    )
+    figures["Detection ROC (held-out half)"] = plot_roc_curves(artefacts["roc"], fig_dir / "detection_roc.png")
+    save_detection_data(out_dir / DETECTION_FILE, artefacts["detection_data"])
+    return figures

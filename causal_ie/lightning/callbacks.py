@@ -57,6 +57,11 @@ class CEMapLogger(L.Callback):
         scores = plot_method_scores(results, fig_dir / "method_scores.png")
         if scores is not None:
             self.figures["Scores per method"] = scores
+        artefacts = getattr(pl_module, "attack_artefacts", None)
+        if artefacts:  # attack!=none: clean vs adversarial maps, statistics, ROC curves
+            from causal_ie.attacks.figures import write_attack_figures
+
+            self.figures.update(write_attack_figures(self.out_dir, artefacts))
         for logger in trainer.loggers:
             self._log(logger, examples, results)
 
@@ -100,6 +105,10 @@ class CEMapLogger(L.Callback):
                 )
         if images:
             logger.experiment.log({"eval/maps": images})
+        # the attack study's figures as they are in report.md
+        attack_figures = {c: p for c, p in self.figures.items() if Path(p).name.startswith(("adversarial_", "detection_"))}
+        if attack_figures:
+            logger.experiment.log({"eval/attack": [wandb.Image(str(p), caption=c) for c, p in attack_figures.items()]})
         loc, faith = results.get("localisation", {}), results.get("faithfulness", {})
         methods = list(dict.fromkeys([*loc, *faith]))
         if methods:
