@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig
+from torch import Tensor
 
 from causal_ie.attacks.evaluation import AttackEvaluation
 from causal_ie.explain.cam import CAMExplainer
-from causal_ie.explain.explainers import Explainer
+from causal_ie.explain.explainers import Explainer, LatentCE
 from causal_ie.lightning.callbacks import CEMapLogger
 from causal_ie.lightning.evaluation import CEEvaluation
 from causal_ie.models import Classifier
@@ -67,6 +69,25 @@ def build_explainers(cfg: DictConfig) -> dict[str, Explainer]:
     return explainers
 
 
+def fit_autoencoders(
+    explainers: dict[str, Explainer], classifier: Classifier, datamodule: L.LightningDataModule, ckpt: Path,
+    cache_dir: str | Path,
+) -> None:
+    """Latent explainers with ``space=autoencoder`` train (or load the cached) autoencoder of
+    this checkpoint on the training images; the key names the checkpoint file's version."""
+    stat = ckpt.stat()
+    key = (f"{ckpt.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|data={datamodule.source}:{datamodule.root}:"
+           f"{datamodule.image_size}:{datamodule.batch_size}")
+
+    def train_images() -> Iterator[Tensor]:
+        datamodule.setup("fit")
+        return (batch["image"] for batch in datamodule.train_dataloader())
+
+    for explainer in explainers.values():
+        if isinstance(explainer, LatentCE) and explainer.space == "autoencoder":
+            explainer.fit_autoencoder(classifier, train_images, cache_dir=cache_dir, key=key)
+
+
 def build_attack_evaluation(cfg: DictConfig, classifier: Classifier, explainers: dict[str, Explainer]) -> AttackEvaluation | None:
     """The attack study from ``attack`` and ``detection`` (None for ``attack=none``)."""
     if not cfg.get("attack"):
@@ -85,6 +106,7 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     datamodule = instantiate(cfg.data, _convert_="all")
     check_compatible(classifier, datamodule, ckpt)
     explainers = build_explainers(cfg)
+    fit_autoencoders(explainers, classifier, datamodule, ckpt, cfg.paths.cache_dir)
     module = CEEvaluation(classifier, explainers, attack=build_attack_evaluation(cfg, classifier, explainers), **cfg.evaluation)
     figures = CEMapLogger(out_dir)
     loggers = instantiate_dict(cfg.get("logger"))

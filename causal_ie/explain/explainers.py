@@ -8,12 +8,22 @@ then selects: asking for five findings of one image costs one run.
 
 from __future__ import annotations
 
+import weakref
+from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
 
-from causal_ie.interventions import causal_effect, latent_map, superpixel_effect
+from causal_ie.interventions import (
+    AutoencoderSpace,
+    autoencoder_space,
+    causal_effect,
+    latent_map,
+    latent_split,
+    superpixel_effect,
+)
 from causal_ie.interventions.engine import to_model
 
 
@@ -157,9 +167,18 @@ class SuperpixelCE(_PixelBaselineMixin, CEExplainer):
 
 class LatentCE(CEExplainer):
     """CE of interventions on a feature map, as input-size maps (``conf/mask/latent.yaml``;
-    see :func:`causal_ie.interventions.latent_map`)."""
+    see :func:`causal_ie.interventions.latent_map`).
+
+    ``space``: ``activation`` intervenes on the layer's output itself; ``autoencoder`` on
+    the bottleneck of an autoencoder trained on it (the paper's code), which must first
+    be fitted to the classifier with :meth:`fit_autoencoder` (``evaluate`` does that);
+    ``autoencoder`` holds its training settings (see
+    :func:`causal_ie.interventions.autoencoder_space`).
+    """
 
     kind = "latent"
+    SPACES = ("activation", "autoencoder")
+    AUTOENCODER_SETTINGS = ("hidden", "bottleneck", "steps", "lr", "tv_weight", "seed")
 
     def __init__(
         self,
@@ -169,11 +188,51 @@ class LatentCE(CEExplainer):
         outcome: str = "prob",
         batch_size: int | None = 64,
         progress: bool = False,
+        space: str = "activation",
+        autoencoder: dict[str, Any] | None = None,
     ):
+        if space not in self.SPACES:
+            raise ValueError(f"latent.space must be one of {self.SPACES}, got {space!r}")
+        unknown = sorted(set(autoencoder or {}) - set(self.AUTOENCODER_SETTINGS))
+        if unknown:
+            raise ValueError(f"latent.autoencoder has unknown settings {unknown}; known: {self.AUTOENCODER_SETTINGS}")
         self.layer, self.mode, self.baseline = layer, mode, baseline
         self.outcome, self.batch_size, self.progress = outcome, batch_size, progress
+        self.space, self.autoencoder = space, dict(autoencoder or {})
+        # the fitted AutoencoderSpace and (weakly) the classifier it was fitted to
+        self._space: AutoencoderSpace | None = None
+        self._fitted_to: weakref.ref[nn.Module] | None = None
+
+    def fit_autoencoder(
+        self, model: nn.Module, batches_factory: Callable[[], Iterable[Tensor]], cache_dir: str | Path, key: str
+    ) -> AutoencoderSpace:
+        """Train (or load from ``cache_dir``) the autoencoder of ``model`` at ``layer``;
+        ``key`` identifies the classifier's weights (checkpoint path, size, mtime)."""
+        if self.space != "autoencoder":
+            raise ValueError(f"fit_autoencoder needs latent.space='autoencoder', this explainer has {self.space!r}")
+        self._space = autoencoder_space(
+            model, self.layer, batches_factory, cache_dir=cache_dir, key=key, progress=self.progress,
+            **self.autoencoder,
+        )
+        self._fitted_to = weakref.ref(model)
+        return self._space
+
+    def _autoencoder_space(self, model: nn.Module) -> AutoencoderSpace:
+        """The fitted space, re-cut and moved if the classifier moved to another device or dtype."""
+        if self._space is None or self._fitted_to is None or self._fitted_to() is not model:
+            raise RuntimeError(
+                "LatentCE(space='autoencoder') has no autoencoder for this classifier: call "
+                "fit_autoencoder(model, batches_factory, cache_dir, key) first (evaluate.py fits it)"
+            )
+        split = latent_split(model, self._space.split.layer)
+        if split is not self._space.split:
+            dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+            device = next(model.parameters()).device
+            self._space = AutoencoderSpace(split, self._space.autoencoder.to(device=device, dtype=dtype))
+        return self._space
 
     def _maps(self, model: nn.Module, images: Tensor) -> Tensor:
+        space = self._autoencoder_space(model) if self.space == "autoencoder" else None
         return latent_map(
             model,
             images,
@@ -182,6 +241,7 @@ class LatentCE(CEExplainer):
             baseline=self.baseline,
             outcome=self.outcome,
             batch_size=self.batch_size,
+            space=space,
             progress=self.progress,
         )
 

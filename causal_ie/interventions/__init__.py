@@ -4,12 +4,20 @@
 - :func:`superpixel_effect`: CE of SLIC superpixels;
 - :func:`mask_effect`: CE of arbitrary binary masks;
 - :func:`latent_effect` / :func:`latent_map`: CE of interventions on a feature map
-  inside the network (:class:`LatentSplit` cuts the network with torch.fx).
+  inside the network (:class:`LatentSplit` cuts the network with torch.fx);
+  :func:`autoencoder_space`: the same through a trained autoencoder's bottleneck.
 
 ``engine`` runs any family of regions in batches; ``windows``, ``superpixel`` and
 ``latent`` define the regions; ``baselines`` what a region is replaced by.
 """
 
+from causal_ie.interventions.autoencoder import (
+    ActivationAutoencoder,
+    AutoencoderSpace,
+    autoencoder_space,
+    total_variation,
+    train_autoencoder,
+)
 from causal_ie.interventions.baselines import BASELINES, Baseline, blur, make_baseline
 from causal_ie.interventions.engine import (
     OUTCOMES,
@@ -36,6 +44,8 @@ from causal_ie.interventions.windows import WindowGrid, window_offsets
 __all__ = [
     "BASELINES",
     "OUTCOMES",
+    "ActivationAutoencoder",
+    "AutoencoderSpace",
     "Baseline",
     "LatentSpace",
     "LatentSplit",
@@ -44,6 +54,7 @@ __all__ = [
     "SegmentRegions",
     "WindowGrid",
     "auto_layer",
+    "autoencoder_space",
     "blur",
     "causal_effect",
     "latent_effect",
@@ -57,5 +68,7 @@ __all__ = [
     "resolve_layer",
     "slic_segments",
     "superpixel_effect",
+    "total_variation",
+    "train_autoencoder",
     "window_offsets",
 ]
