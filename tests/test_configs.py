@@ -69,6 +69,7 @@ def test_chexnet_experiment_recipe(tmp_path):
     "config,group,option",
     [("evaluate", "mask", o) for o in options("mask")]
     + [("evaluate", "trainer", o) for o in options("trainer")]
+    + [("evaluate", "attack", o) for o in options("attack")]
     + [("counterfactuals", "counterfactual", o) for o in options("counterfactual")],
     ids=lambda v: str(v),
 )
@@ -79,3 +80,18 @@ def test_evaluation_config_groups_compose(config, group, option, tmp_path):
     OmegaConf.resolve(cfg)
     for target in _targets(cfg):
         assert callable(get_object(target)), target
+
+
+@pytest.mark.parametrize(
+    "overrides,space,mode",
+    [
+        (["mask=latent", "latent.space=autoencoder", "latent.mode=channel"], "autoencoder", "channel"),
+        (["mask=latent", "mask.space=autoencoder"], "autoencoder", "spatial"),
+        (["mask=latent", "latent=null"], "activation", "spatial"),
+    ],
+)
+def test_latent_mask_follows_the_latent_block(overrides, space, mode, tmp_path):
+    """DESIGN's `mask=latent latent.space=autoencoder` configures the main (latent) CE."""
+    cfg = compose_config("evaluate", overrides, tmp_path)
+    explainer = instantiate(cfg.mask, _convert_="all")
+    assert (explainer.space, explainer.mode) == (space, mode)
