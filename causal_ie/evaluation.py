@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Iterator
 from pathlib import Path
@@ -9,7 +10,7 @@ from typing import Any
 
 import lightning as L
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
 from causal_ie.attacks.evaluation import AttackEvaluation
@@ -71,21 +72,32 @@ def build_explainers(cfg: DictConfig) -> dict[str, Explainer]:
 
 def fit_autoencoders(
     explainers: dict[str, Explainer], classifier: Classifier, datamodule: L.LightningDataModule, ckpt: Path,
-    cache_dir: str | Path,
-) -> None:
+    cache_dir: str | Path, data_cfg: Any = None,
+) -> dict[str, dict[str, Any]]:
     """Latent explainers with ``space=autoencoder`` train (or load the cached) autoencoder of
-    this checkpoint on the training images; the key names the checkpoint file's version."""
+    this checkpoint on the training images. The cache key names the checkpoint file's
+    version and the data settings that choose the training images (seed, augmentation,
+    synthetic sizes, ...). Returns each fitted explainer's reconstruction quality."""
     stat = ckpt.stat()
-    key = (f"{ckpt.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|data={datamodule.source}:{datamodule.root}:"
-           f"{datamodule.image_size}:{datamodule.batch_size}")
+    data = OmegaConf.to_container(data_cfg, resolve=True) if isinstance(data_cfg, DictConfig) else data_cfg
+    if isinstance(data, dict):  # settings that do not change the training images stay out of the key
+        data = {k: v for k, v in data.items() if k not in ("num_workers", "pin_memory", "test_subset", "test_boxes_only")}
+    key = f"{ckpt.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|data={json.dumps(data, sort_keys=True, default=str)}"
 
     def train_images() -> Iterator[Tensor]:
         datamodule.setup("fit")
         return (batch["image"] for batch in datamodule.train_dataloader())
 
-    for explainer in explainers.values():
+    fits = {}
+    for name, explainer in explainers.items():
         if isinstance(explainer, LatentCE) and explainer.space == "autoencoder":
-            explainer.fit_autoencoder(classifier, train_images, cache_dir=cache_dir, key=key)
+            ae = explainer.fit_autoencoder(classifier, train_images, cache_dir=cache_dir, key=key).autoencoder
+            fits[name] = {
+                "space": "autoencoder",
+                "reconstruction_l1": float(ae.reconstruction_l1),
+                "activation_l1": float(ae.activation_l1),
+            }
+    return fits
 
 
 def build_attack_evaluation(cfg: DictConfig, classifier: Classifier, explainers: dict[str, Explainer]) -> AttackEvaluation | None:
@@ -106,7 +118,7 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     datamodule = instantiate(cfg.data, _convert_="all")
     check_compatible(classifier, datamodule, ckpt)
     explainers = build_explainers(cfg)
-    fit_autoencoders(explainers, classifier, datamodule, ckpt, cfg.paths.cache_dir)
+    autoencoders = fit_autoencoders(explainers, classifier, datamodule, ckpt, cfg.paths.cache_dir, cfg.data)
     module = CEEvaluation(classifier, explainers, attack=build_attack_evaluation(cfg, classifier, explainers), **cfg.evaluation)
     figures = CEMapLogger(out_dir)
     loggers = instantiate_dict(cfg.get("logger"))
@@ -122,6 +134,8 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
             "image_size": datamodule.image_size,
             "mask": getattr(explainers.get("ce"), "kind", "none"),
             "backbone": classifier.hparams.backbone,
+            # what the latent CE intervened through, and how well the autoencoder fits
+            **{f"{name}.{k}": v for name, fit in autoencoders.items() for k, v in fit.items()},
         },
         **module.results,
     }

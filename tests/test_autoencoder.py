@@ -154,6 +154,15 @@ def test_autoencoder_space_trains_once_and_caches(tmp_path, caplog):
     autoencoder_space(model, "3", batches, **{**settings, "key": "ckpt-b"})
     assert len(list((tmp_path / "autoencoders").glob("*.pt"))) == 3
 
+    # a cache hit leaves the global generator as a training run does (downstream random
+    # starts must not depend on whether the cache was warm)
+    state = torch.get_rng_state()
+    autoencoder_space(model, "3", batches, **settings)
+    assert torch.equal(torch.get_rng_state(), state)
+    # fitted or loaded, the autoencoder takes the classifier's dtype
+    assert autoencoder_space(model.double(), "3", batches, **settings).autoencoder.encoder[0].weight.dtype == torch.float64
+    model.float()
+
     files[0].write_bytes(b"not a checkpoint")
     calls.clear()
     with caplog.at_level(logging.WARNING, logger="causal_ie.interventions.autoencoder"):
@@ -208,3 +217,16 @@ def test_evaluate_with_the_autoencoder_space(tmp_path, checkpoint):
     saved = json.loads((tmp_path / "results.json").read_text())
     assert 0.0 <= saved["localisation"]["ce_latent"]["pointing_game"] <= 1.0
     assert len(list((cache / "autoencoders").glob("*.pt"))) == 1
+    # the run says what the latent CE intervened through and how well it fits
+    run = saved["run"]
+    assert run["ce_latent.space"] == "autoencoder" and run["ce_latent.reconstruction_l1"] < run["ce_latent.activation_l1"]
+    # other training images (another data seed) are another autoencoder
+    cfg = eval_cfg(
+        tmp_path, checkpoint, "cams=[]", "evaluation.faithfulness=false", "data.test_subset=4", "seed=7",
+        "latent.space=autoencoder", "latent.mode=channel", "latent.autoencoder.steps=20", f"paths.cache_dir={cache}",
+    )
+    try:
+        evaluate(cfg)
+    finally:
+        GlobalHydra.instance().clear()
+    assert len(list((cache / "autoencoders").glob("*.pt"))) == 2

@@ -86,7 +86,7 @@ def test_evaluation_config_groups_compose(config, group, option, tmp_path):
     "overrides,space,mode",
     [
         (["mask=latent", "latent.space=autoencoder", "latent.mode=channel"], "autoencoder", "channel"),
-        (["mask=latent", "mask.space=autoencoder"], "autoencoder", "spatial"),
+        (["mask=latent", "mask.space=autoencoder", "mask.autoencoder.steps=3"], "autoencoder", "spatial"),
         (["mask=latent", "latent=null"], "activation", "spatial"),
     ],
 )
@@ -95,3 +95,4 @@ def test_latent_mask_follows_the_latent_block(overrides, space, mode, tmp_path):
     cfg = compose_config("evaluate", overrides, tmp_path)
     explainer = instantiate(cfg.mask, _convert_="all")
     assert (explainer.space, explainer.mode) == (space, mode)
+    assert explainer.autoencoder["steps"] == (3 if "mask.autoencoder.steps=3" in overrides else 500)

@@ -81,7 +81,10 @@ class ActivationAutoencoder(nn.Module):
         """An autoencoder shaped like ``state`` (as saved by :func:`autoencoder_space`), loaded."""
         hidden, channels = state["encoder.0.weight"].shape[:2]
         bottleneck = state["encoder.2.weight"].shape[0]
-        autoencoder = cls(channels, hidden, bottleneck)
+        # the throwaway default initialisation must not draw from the global generator:
+        # a cache hit then leaves the RNG as a fresh training run does
+        with torch.random.fork_rng(devices=[]):
+            autoencoder = cls(channels, hidden, bottleneck)
         autoencoder.load_state_dict(state)
         return autoencoder
 
@@ -240,7 +243,9 @@ def autoencoder_space(
     settings = dict(hidden=int(hidden), bottleneck=int(bottleneck), steps=int(steps), lr=float(lr),
                     tv_weight=float(tv_weight), seed=int(seed))
     path = cache_path(cache_dir, key, split.layer, settings)
-    device = next(itertools.chain(model.parameters(), model.buffers()), torch.empty(0)).device
+    reference = next(itertools.chain(model.parameters(), model.buffers()), torch.empty(0))
+    device = reference.device
+    dtype = reference.dtype if reference.is_floating_point() else torch.float32
     autoencoder: ActivationAutoencoder | None = None
     if path.is_file():
         try:
@@ -259,4 +264,4 @@ def autoencoder_space(
         with atomic_open(path, "wb") as f:
             torch.save(autoencoder.state_dict(), f)
         log.info("autoencoder for %s cached at %s", split.layer, path)
-    return AutoencoderSpace(split, autoencoder)
+    return AutoencoderSpace(split, autoencoder.to(device=device, dtype=dtype))
