@@ -27,8 +27,10 @@ from numbers import Integral
 
 import torch
 import torch.nn.functional as F
+import torchattacks
 from torch import Tensor, nn
 
+from causal_ie.attacks.wrapper import FindingLogits
 from causal_ie.counterfactuals.afw import auto_frank_wolfe, frank_wolfe
 from causal_ie.counterfactuals.lmo import check_p, lp_norm
 from causal_ie.data.findings import FINDINGS
@@ -113,28 +115,6 @@ class FindingObjective:
     def __call__(self, z: Tensor) -> Tensor:
         logit = self.model(z).gather(1, self.finding[:, None])[:, 0]
         return F.logsigmoid(torch.where(self.add, logit, -logit))
-
-
-class FindingLogits(nn.Module):
-    """Two-class view ``[0, z_k]`` of finding k of a multi-label model, for softmax attacks.
-
-    softmax([0, z_k]) = (1 - y_k, y_k), so the cross-entropy of label 0 is
-    ``-log(1 - y_k)`` and of label 1 is ``-log y_k``: untargeted APGD, which
-    maximises the cross-entropy, raises y_k with label 0 and lowers it with
-    label 1, following the gradient of z_k like the SVCE objective.
-    ``finding`` holds one index per image of the batch that will be attacked.
-    """
-
-    def __init__(self, model: nn.Module, finding: Tensor):
-        super().__init__()
-        self.model = model
-        self.register_buffer("finding", finding.clone())
-
-    def forward(self, x: Tensor) -> Tensor:
-        if x.shape[0] != self.finding.shape[0]:
-            raise ValueError(f"FindingLogits was set up for {self.finding.shape[0]} images, got {x.shape[0]}")
-        z = self.model(x).gather(1, self.finding[:, None])
-        return torch.cat([torch.zeros_like(z), z], dim=1)
 
 
 @dataclass
@@ -342,8 +322,6 @@ class APGDCounterfactual(CounterfactualGenerator):
         self.seed = int(seed)
 
     def optimise(self, model: nn.Module, x: Tensor, finding: Tensor, add: Tensor) -> Tensor:
-        import torchattacks  # heavy; only the baseline needs it
-
         with contextlib.redirect_stdout(io.StringIO()):  # it prints when the model has no parameters
             attack = torchattacks.APGD(
                 FindingLogits(model, finding), norm="L2", eps=self.eps, steps=self.steps - 1, n_restarts=1, loss="ce"
