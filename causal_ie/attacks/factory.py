@@ -20,6 +20,7 @@ import torchattacks
 from torch import Tensor, nn
 
 from causal_ie.attacks.wrapper import FindingLogits
+from causal_ie.interventions.engine import eval_mode
 
 ATTACKS: dict[str, type[torchattacks.Attack]] = {
     "fgsm": torchattacks.FGSM,
@@ -180,13 +181,10 @@ class MultiLabelAttack:
         if images.min() < 0 or images.max() > 1:
             raise ValueError("attack inputs must lie in [0, 1] (the classifier normalises them itself)")
         labels = labels.float()
-        was_training = model.training
-        # the attack sees the model in eval mode (BatchNorm statistics frozen, no dropout)
-        model.eval()
-        try:
+        # the attack sees the model in eval mode (BatchNorm statistics frozen, no dropout);
+        # every submodule gets its own mode back, whatever torchattacks did in between
+        with eval_mode(model):
             return self._attack(model, images, labels, findings)
-        finally:
-            model.train(was_training)  # the attack never changes the caller's mode
 
     def _attack(self, model: nn.Module, images: Tensor, labels: Tensor, findings: Sequence[str] | None) -> Adversarial:
         with torch.no_grad():
@@ -195,7 +193,9 @@ class MultiLabelAttack:
         if labels.shape != (n, k):
             raise ValueError(f"labels must be [N, K] = {(n, k)}, got {tuple(labels.shape)}")
         names = findings if findings is not None else getattr(model, "findings", None)
-        fixed = self.finding_index(names) if names is not None else self._index_without_names(k)
+        if names is None and self.target not in ("top", "all"):
+            raise ValueError(f"attack.target={self.target!r} needs the classifier's finding names (pass findings=)")
+        fixed = None if names is None else self.finding_index(names)
         if self.target == "all":
             groups = [(torch.arange(n, device=images.device), None)]
         elif self.target == "top":
@@ -211,11 +211,6 @@ class MultiLabelAttack:
             attacked[idx, slice(None) if finding is None else finding] = True
             adv[idx] = self._attack_group(model, images[idx], goal[idx], finding, targeted)
         return Adversarial(images=adv.detach(), attacked=attacked, goal=goal, targeted=targeted)
-
-    def _index_without_names(self, k: int) -> int | None:
-        if self.target in ("top", "all"):
-            return None
-        raise ValueError(f"attack.target={self.target!r} needs the classifier's finding names (pass findings=)")
 
     def _attack_group(self, model: nn.Module, images: Tensor, goal: Tensor, finding: int | None, targeted: bool) -> Tensor:
         atk = self.build(FindingLogits(model, finding))

@@ -209,25 +209,15 @@ class Classifier(L.LightningModule):
         return math.floor((batch_idx + 1) * ratio) > math.floor(batch_idx * ratio)
 
     def adversarial_images(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """``self.adv_attack``'s images against the current weights, in eval mode.
+        """``self.adv_attack``'s images against the current weights.
 
-        Eval mode so that the attack's forward passes neither update BatchNorm
-        running statistics nor drop units (the attack runs one clean pass itself
-        before torchattacks switches modes, and torchattacks then restores the
-        mode of its wrapper, not of this model). Every submodule's own mode is
-        restored afterwards. The attack asks autograd for input gradients only,
-        so parameters' ``.grad`` stay untouched.
+        The attack runs the model in eval mode (no BatchNorm statistics updates, no
+        dropout) and gives every submodule its own mode back; it asks autograd for
+        input gradients only, so parameters' ``.grad`` stay untouched.
         """
         if self.adv_attack is None:
             raise RuntimeError("adversarial_images needs model.adv_train.attack (adversarial training is off)")
-        modes = [(module, module.training) for module in self.modules()]
-        self.eval()
-        try:
-            adv = self.adv_attack(self, images.detach(), labels.detach(), findings=self.findings)
-        finally:
-            for module, training in modes:
-                module.training = training
-        return adv.images
+        return self.adv_attack(self, images.detach(), labels.detach(), findings=self.findings).images
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         images = batch["image"]
