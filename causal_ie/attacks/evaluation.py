@@ -30,7 +30,7 @@ from causal_ie.attacks.detection import (
 )
 from causal_ie.attacks.factory import Adversarial, MultiLabelAttack
 from causal_ie.attacks.statistics import STATISTICS, box_share, ce_features, map_correlation, map_statistics
-from causal_ie.explain.explainers import Explainer
+from causal_ie.explain.explainers import Explainer, select_maps
 
 # per-image attack outcome columns (see _outcome)
 OUTCOME = ("eligible", "success", "flipped", "attacked", "linf", "l2", "l0")
@@ -125,14 +125,22 @@ class AttackEvaluation(nn.Module):
         self.examples: list[dict[str, Any]] = []
 
     # -- per batch --------------------------------------------------------------
-    def update(self, classifier: nn.Module, batch: Mapping[str, Any], clean_maps: Mapping[str, Tensor] | None = None) -> None:
-        """Attack ``batch`` and record one row per image. ``clean_maps`` may hold maps
-        [B, K, H, W] of the clean images already computed by the caller."""
+    def update(
+        self,
+        classifier: nn.Module,
+        batch: Mapping[str, Any],
+        clean_maps: Mapping[str, Tensor] | None = None,
+        clean_probs: Tensor | None = None,
+    ) -> None:
+        """Attack ``batch`` and record one row per image. ``clean_maps`` (maps [B, K, H, W])
+        and ``clean_probs`` ([B, K]) of the clean images may come from the caller."""
         if torch.is_inference_mode_enabled():
             raise RuntimeError("attacks need gradients: set trainer.inference_mode=false (evaluate.yaml does)")
         images, labels = batch["image"], batch["labels"]
-        with torch.no_grad():
-            p_clean = classifier(images).sigmoid()
+        if clean_probs is None:
+            with torch.no_grad():
+                clean_probs = classifier(images).sigmoid()
+        p_clean = clean_probs
         adv = self.attack(classifier, images, labels, self.findings)
         with torch.no_grad():
             p_adv = classifier(adv.images).sigmoid()
@@ -144,12 +152,13 @@ class AttackEvaluation(nn.Module):
         patients = [p or i for p, i in zip(batch.get("patient_id", batch["id"]), batch["id"])]
         for column, names in (("group", patients), ("image", batch["id"])):
             columns[column] = torch.tensor([float(group_code(g)) for g in names], dtype=torch.float64, device=images.device)
-        maps_for_figure = {}
+        focus_maps = {}  # per explainer: the focus finding's clean and adversarial maps [B, H, W]
+        image_idx = torch.arange(len(focus), device=focus.device)
         for name, explainer in self.explainers.items():
             m_clean = clean_maps[name] if clean_maps and name in clean_maps else explainer.all_findings(classifier, images)
             m_adv = explainer.all_findings(classifier, adv.images)
-            columns.update(self._map_columns(name, m_clean, m_adv, p_clean, p_adv, focus, boxes))
-            maps_for_figure[name] = (m_clean, m_adv)
+            focus_maps[name] = (select_maps(m_clean, image_idx, focus), select_maps(m_adv, image_idx, focus))
+            columns.update(self._map_columns(name, m_clean, m_adv, focus_maps[name], p_clean, p_adv, boxes))
         # one noise seed per image: the same noise in any batch or process
         seeds = [self.seed + int(c) for c in columns["image"].tolist()]
         for side, x, p in (("clean", images, p_clean), ("adv", adv.images, p_adv)):
@@ -162,20 +171,16 @@ class AttackEvaluation(nn.Module):
         elif list(columns) != self.columns:
             raise RuntimeError("attack evaluation columns changed between batches")
         self.rows.update(torch.stack([c.to(images.device).double() for c in columns.values()], dim=1))
-        self._keep_examples(batch, adv, p_clean, p_adv, focus, maps_for_figure)
+        self._keep_examples(batch, adv, p_clean, p_adv, focus, focus_maps)
 
-    def _map_columns(self, name, m_clean, m_adv, p_clean, p_adv, focus, boxes) -> dict[str, Tensor]:
-        idx = torch.arange(len(focus), device=focus.device)
+    def _map_columns(self, name, m_clean, m_adv, focus_maps, p_clean, p_adv, boxes) -> dict[str, Tensor]:
         cols: dict[str, Tensor] = {}
         # characterisation: the focus finding's map, clean vs adversarial
-        for side, maps in (("clean", m_clean), ("adv", m_adv)):
-            channel = maps[idx, focus] if maps.shape[1] > 1 else maps[:, 0]
-            for stat, value in map_statistics(channel, self.top_fraction).items():
+        for side, maps in zip(("clean", "adv"), focus_maps):
+            for stat, value in map_statistics(maps, self.top_fraction).items():
                 cols[f"stat.{name}.{stat}.{side}"] = value
-            cols[f"stat.{name}.box_share.{side}"] = box_share(channel, boxes)
-        a = m_clean[idx, focus] if m_clean.shape[1] > 1 else m_clean[:, 0]
-        b = m_adv[idx, focus] if m_adv.shape[1] > 1 else m_adv[:, 0]
-        cols[f"stat.{name}.correlation_with_clean.adv"] = map_correlation(a, b)
+            cols[f"stat.{name}.box_share.{side}"] = box_share(maps, boxes)
+        cols[f"stat.{name}.correlation_with_clean.adv"] = map_correlation(*focus_maps)
         # detector features: from each input's own maps and probabilities only
         for side, maps, probs in (("clean", m_clean, p_clean), ("adv", m_adv, p_adv)):
             if maps.shape[1] == 1:  # one map for all findings (outcome=ece): "top" is that map
@@ -184,7 +189,7 @@ class AttackEvaluation(nn.Module):
                 cols[f"feature.{feature}.{side}"] = value
         return cols
 
-    def _keep_examples(self, batch, adv: Adversarial, p_clean, p_adv, focus, maps) -> None:
+    def _keep_examples(self, batch, adv: Adversarial, p_clean, p_adv, focus, focus_maps) -> None:
         for i in range(len(focus)):
             if len(self.examples) >= self.n_examples:
                 return
@@ -199,8 +204,7 @@ class AttackEvaluation(nn.Module):
                     "image_adv": adv.images[i, 0].float().cpu().numpy(),
                     "box": batch["boxes"][i, k].cpu().tolist(),
                     "maps": {
-                        name: tuple(m[i, k if m.shape[1] > 1 else 0].float().cpu().numpy() for m in pair)
-                        for name, pair in maps.items()
+                        name: tuple(m[i].float().cpu().numpy() for m in pair) for name, pair in focus_maps.items()
                     },
                 }
             )

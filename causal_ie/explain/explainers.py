@@ -27,6 +27,13 @@ from causal_ie.interventions import (
 from causal_ie.interventions.engine import to_model
 
 
+def select_maps(maps: Tensor, img_idx: Tensor, finding_idx: Tensor) -> Tensor:
+    """``maps[img_idx[p], finding_idx[p]]`` -> [P, H, W] from maps [B, K, H, W]; a
+    single-channel map (outcome ``ece``) serves every finding."""
+    channel = finding_idx if maps.shape[1] > 1 else torch.zeros_like(finding_idx)
+    return maps[img_idx, channel]
+
+
 @runtime_checkable
 class Explainer(Protocol):
     """``kind`` names the method (``patch``, ``pixel``, ``superpixel``, ``latent``, a CAM, ...)."""
@@ -58,10 +65,9 @@ class CEExplainer:
             return images.new_zeros((0, *images.shape[-2:]))
         distinct, position = torch.unique(img_idx, return_inverse=True)
         maps = self.all_findings(model, images.index_select(0, distinct))
-        channel = finding_idx if maps.shape[1] > 1 else torch.zeros_like(finding_idx)
-        if int(channel.max()) >= maps.shape[1] or int(channel.min()) < 0:
+        if maps.shape[1] > 1 and (int(finding_idx.max()) >= maps.shape[1] or int(finding_idx.min()) < 0):
             raise ValueError(f"finding_idx must lie in [0, {maps.shape[1]}), got {finding_idx.tolist()}")
-        return maps[position, channel]
+        return select_maps(maps, position, finding_idx)
 
     def all_findings(self, model: nn.Module, images: Tensor) -> Tensor:
         return self._maps(model, to_model(model, images)).to(images.device)

@@ -12,7 +12,7 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MultilabelAUROC
 
 from causal_ie.attacks.evaluation import AttackEvaluation
-from causal_ie.explain.explainers import Explainer
+from causal_ie.explain.explainers import Explainer, select_maps
 from causal_ie.explain.metrics import DeletionInsertion, localisation_metrics
 from causal_ie.models import Classifier
 
@@ -102,7 +102,7 @@ class CEEvaluation(L.LightningModule):
         clean_maps = {}
         if self.attack is not None:
             clean_maps = {n: self.explainers[n].all_findings(self.classifier, images) for n in self.attack.explainers}
-            self.attack.update(self.classifier, batch, clean_maps)
+            self.attack.update(self.classifier, batch, clean_maps, clean_probs=probs)
         if img_idx.numel() == 0:
             return
         self._pairs_seen += img_idx.numel()
@@ -110,8 +110,7 @@ class CEEvaluation(L.LightningModule):
         maps = {}
         for name, explainer in self.explainers.items():
             if name in clean_maps:
-                m = clean_maps[name]
-                maps[name] = m[img_idx, finding_idx if m.shape[1] > 1 else 0].detach()
+                maps[name] = select_maps(clean_maps[name], img_idx, finding_idx).detach()
             else:
                 maps[name] = explainer(self.classifier, images, img_idx, finding_idx).detach()
             self.localisation[name].update(maps[name], pair_boxes)
