@@ -20,7 +20,7 @@ import torchattacks
 from torch import Tensor, nn
 
 from causal_ie.attacks.wrapper import FindingLogits
-from causal_ie.interventions.engine import eval_mode
+from causal_ie.runtime import eval_mode
 
 ATTACKS: dict[str, type[torchattacks.Attack]] = {
     "fgsm": torchattacks.FGSM,

@@ -35,7 +35,7 @@ from causal_ie.counterfactuals.afw import auto_frank_wolfe, frank_wolfe
 from causal_ie.counterfactuals.lmo import check_p, lp_norm
 from causal_ie.data.findings import FINDINGS
 from causal_ie.explain.metrics import box_masks
-from causal_ie.interventions.engine import eval_mode, model_device
+from causal_ie.runtime import eval_mode, model_device
 
 __all__ = [
     "CHANGED",

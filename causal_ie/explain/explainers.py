@@ -24,7 +24,7 @@ from causal_ie.interventions import (
     latent_split,
     superpixel_effect,
 )
-from causal_ie.interventions.engine import to_model
+from causal_ie.runtime import model_device, model_dtype, to_model
 
 
 def select_maps(maps: Tensor, img_idx: Tensor, finding_idx: Tensor) -> Tensor:
@@ -232,9 +232,8 @@ class LatentCE(CEExplainer):
             )
         split = latent_split(model, self._space.split.layer)
         if split is not self._space.split:
-            dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-            device = next(model.parameters()).device
-            self._space = AutoencoderSpace(split, self._space.autoencoder.to(device=device, dtype=dtype))
+            moved = self._space.autoencoder.to(device=model_device(model), dtype=model_dtype(model))
+            self._space = AutoencoderSpace(split, moved)
         return self._space
 
     def _maps(self, model: nn.Module, images: Tensor) -> Tensor:

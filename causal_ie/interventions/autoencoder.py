@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from causal_ie.interventions.engine import eval_mode, to_model
+from causal_ie.runtime import eval_mode, to_model
 from causal_ie.interventions.latent import LatentSplit, latent_split
 from causal_ie.io import atomic_open
 

@@ -24,8 +24,7 @@ their own regions on the same engine.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Protocol
 
 import torch
@@ -34,6 +33,7 @@ from tqdm.auto import tqdm
 
 from causal_ie.interventions.baselines import Baseline, make_baseline
 from causal_ie.interventions.windows import WindowGrid
+from causal_ie.runtime import eval_mode, to_model
 
 OUTCOMES = ("prob", "logit", "softmax", "ece")
 DEFAULT_BATCH_SIZE = 64
@@ -126,33 +126,6 @@ def check_batch_size(batch_size: int | None) -> int:
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1 or None, got {batch_size!r}")
     return batch_size
-
-
-def model_device(model: nn.Module, fallback: torch.device) -> torch.device:
-    """The device of the model's first parameter or buffer (``fallback`` for a stateless model)."""
-    for tensor in (*model.parameters(), *model.buffers()):
-        return tensor.device
-    return fallback
-
-
-def to_model(model: nn.Module, x: Tensor) -> Tensor:
-    """``x`` on the model's device and in its floating dtype (a float64 or half model gets
-    matching inputs)."""
-    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), x.dtype)
-    return x.to(device=model_device(model, x.device), dtype=dtype)
-
-
-@contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Evaluation mode (BatchNorm running stats, no dropout) for the duration; restores each
-    module's own training flag afterwards."""
-    flags = [(module, module.training) for module in model.modules()]
-    model.eval()
-    try:
-        yield model
-    finally:
-        for module, training in flags:
-            module.training = training
 
 
 def image_forward(model: nn.Module) -> BatchForward:

@@ -31,11 +31,10 @@ from causal_ie.interventions.engine import (
     check_batch_size,
     check_images,
     check_outcome,
-    eval_mode,
-    to_model,
     region_effects,
 )
 from causal_ie.interventions.windows import WindowGrid
+from causal_ie.runtime import eval_mode, to_model
 
 LATENT_MODES = ("spatial", "channel")
 LATENT_BASELINES = ("zero", "mean")
