@@ -14,48 +14,18 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
 from causal_ie.attacks.evaluation import AttackEvaluation
+from causal_ie.attacks.report import AttackReport
 from causal_ie.explain.cam import CAMExplainer
 from causal_ie.explain.explainers import Explainer, LatentCE
+from causal_ie.explain.report import LocalisationReport
 from causal_ie.lightning.callbacks import CEMapLogger
 from causal_ie.lightning.evaluation import CEEvaluation
 from causal_ie.models import Classifier
-from causal_ie.report import write_report, write_results
-from causal_ie.runs import instantiate_dict
+from causal_ie.outputs.report import write_report
+from causal_ie.outputs.results import write_results
+from causal_ie.runs import check_compatible, instantiate_dict, load_classifier
 
 log = logging.getLogger(__name__)
-
-
-def find_checkpoint(ckpt_path: str | None, search_dirs: list[str | Path]) -> Path:
-    """``ckpt_path`` if given, else the newest ``checkpoints/best.ckpt`` of a train.py run."""
-    if ckpt_path:
-        path = Path(ckpt_path).expanduser()
-        if not path.is_file():
-            raise FileNotFoundError(f"ckpt_path={str(ckpt_path)!r} does not exist")
-        return path
-    found = [p for d in search_dirs if Path(d).is_dir() for p in Path(d).glob("**/checkpoints/best.ckpt")]
-    if not found:
-        raise FileNotFoundError(
-            "no trained classifier found: run `python train.py` first, or pass "
-            f"ckpt_path=/path/to/best.ckpt (searched {[str(d) for d in search_dirs]} for checkpoints/best.ckpt)"
-        )
-    return max(found, key=lambda p: p.stat().st_mtime)
-
-
-def check_compatible(classifier: Classifier, datamodule: L.LightningDataModule, ckpt: Path) -> None:
-    """A checkpoint must predict the data's findings at the data's image size."""
-    findings = tuple(datamodule.findings)
-    if tuple(classifier.findings) != findings:
-        raise ValueError(
-            f"checkpoint {ckpt} predicts {len(classifier.findings)} findings "
-            f"({', '.join(classifier.findings[:4])}, ...) but the data has {len(findings)} "
-            f"({', '.join(findings[:4])}, ...): use a checkpoint trained on this data"
-        )
-    size = classifier.hparams.get("image_size")
-    if size is not None and int(size) != int(datamodule.image_size):
-        raise ValueError(
-            f"checkpoint {ckpt} was trained at image_size={size} but data.image_size="
-            f"{datamodule.image_size}: set data.image_size={size} or use a matching checkpoint"
-        )
 
 
 def build_explainers(cfg: DictConfig) -> dict[str, Explainer]:
@@ -113,14 +83,14 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     """Load the classifier, run CEEvaluation over the test split, write results.json + report.md."""
     L.seed_everything(cfg.seed, workers=True)
     out_dir = Path(cfg.paths.output_dir)
-    ckpt = find_checkpoint(cfg.get("ckpt_path"), list(cfg.paths.checkpoint_search))
-    classifier = Classifier.load(ckpt)
+    classifier, ckpt = load_classifier(cfg)
     datamodule = instantiate(cfg.data, _convert_="all")
     check_compatible(classifier, datamodule, ckpt)
     explainers = build_explainers(cfg)
     autoencoders = fit_autoencoders(explainers, classifier, datamodule, ckpt, cfg.paths.cache_dir, cfg.data)
     module = CEEvaluation(classifier, explainers, attack=build_attack_evaluation(cfg, classifier, explainers), **cfg.evaluation)
-    figures = CEMapLogger(out_dir)
+    sections = [LocalisationReport(), AttackReport()]
+    figures = CEMapLogger(out_dir, sections)
     loggers = instantiate_dict(cfg.get("logger"))
     trainer: L.Trainer = instantiate(
         cfg.trainer, logger=loggers or False, callbacks=[figures, *instantiate_dict(cfg.get("callbacks"))]
@@ -135,13 +105,13 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
             "mask": getattr(explainers.get("ce"), "kind", "none"),
             "backbone": classifier.hparams.backbone,
             # what the latent CE intervened through, and how well the autoencoder fits
-            **{f"{name}.{k}": v for name, fit in autoencoders.items() for k, v in fit.items()},
+            **autoencoders,
         },
         **module.results,
     }
     if trainer.is_global_zero:
         write_results(out_dir, results)
-        write_report(out_dir, results, figures.figures)
+        write_report(out_dir, results, sections, figures.figures)
         _print_summary(results, out_dir)
     return results, {"module": module, "trainer": trainer, "datamodule": datamodule, "figures": figures.figures}
 

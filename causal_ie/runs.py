@@ -1,4 +1,5 @@
-"""Hydra run plumbing shared by train.py and evaluate.py."""
+"""Run plumbing shared by the entry points: building config groups, finding and checking the
+classifier to explain, and running a task so one failing sweep point does not end the sweep."""
 
 from __future__ import annotations
 
@@ -9,13 +10,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 from hydra.core.hydra_config import HydraConfig
-from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from causal_ie.io import atomic_write_text
+from causal_ie.models import Classifier
+from causal_ie.outputs.results import flatten
 
 log = logging.getLogger(__name__)
 
@@ -55,25 +58,47 @@ def run_task(task: Callable[[DictConfig], tuple[dict, dict]], cfg: DictConfig) -
     name = cfg.get("optimized_metric")
     if not name:
         return None
-    from causal_ie.report import flatten  # nested results -> dotted names
-
     metrics = flatten(metrics)
     if name not in metrics:
         raise KeyError(f"optimized_metric={name!r} is not among the metrics: {sorted(metrics)}")
     return float(metrics[name])
 
 
-class SummarizeSweep(Callback):
-    """Hydra callback: after a multirun of evaluate.py, write its summary table and plots
-    (``python -m causal_ie.report summarize <sweep dir>``), so a sweep is one command."""
+def find_checkpoint(ckpt_path: str | None, search_dirs: list[str | Path]) -> Path:
+    """``ckpt_path`` if given, else the newest ``checkpoints/best.ckpt`` of a train.py run."""
+    if ckpt_path:
+        path = Path(ckpt_path).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"ckpt_path={str(ckpt_path)!r} does not exist")
+        return path
+    found = [p for d in search_dirs if Path(d).is_dir() for p in Path(d).glob("**/checkpoints/best.ckpt")]
+    if not found:
+        raise FileNotFoundError(
+            "no trained classifier found: run `python train.py` first, or pass "
+            f"ckpt_path=/path/to/best.ckpt (searched {[str(d) for d in search_dirs]} for checkpoints/best.ckpt)"
+        )
+    return max(found, key=lambda p: p.stat().st_mtime)
 
-    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        from causal_ie.report import summarize
 
-        sweep_dir = Path(config.hydra.sweep.dir)
-        try:
-            outputs = summarize(sweep_dir)
-        except Exception as err:  # noqa: BLE001 - the sweep's runs are done and saved; a summary is extra
-            log.warning("no sweep summary for %s: %s", sweep_dir, err)
-            return
-        log.info("sweep summary: %s", outputs["md"])
+def check_compatible(classifier: Classifier, datamodule: L.LightningDataModule, ckpt: Path) -> None:
+    """A checkpoint must predict the data's findings at the data's image size."""
+    findings = tuple(datamodule.findings)
+    if tuple(classifier.findings) != findings:
+        raise ValueError(
+            f"checkpoint {ckpt} predicts {len(classifier.findings)} findings "
+            f"({', '.join(classifier.findings[:4])}, ...) but the data has {len(findings)} "
+            f"({', '.join(findings[:4])}, ...): use a checkpoint trained on this data"
+        )
+    size = classifier.hparams.get("image_size")
+    if size is not None and int(size) != int(datamodule.image_size):
+        raise ValueError(
+            f"checkpoint {ckpt} was trained at image_size={size} but data.image_size="
+            f"{datamodule.image_size}: set data.image_size={size} or use a matching checkpoint"
+        )
+
+
+def load_classifier(cfg: DictConfig) -> tuple[Classifier, Path]:
+    """The classifier a run explains: ``cfg.ckpt_path``, else the newest train.py checkpoint
+    under ``cfg.paths.checkpoint_search``. Returns it (in eval mode) and its file."""
+    ckpt = find_checkpoint(cfg.get("ckpt_path"), list(cfg.paths.checkpoint_search))
+    return Classifier.load(ckpt), ckpt

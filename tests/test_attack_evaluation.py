@@ -12,7 +12,7 @@ from conftest import ROOT, TINY_EVAL, eval_cfg
 
 from causal_ie.attacks.detection import load_detection_data
 from causal_ie.evaluation import evaluate
-from causal_ie.report import flatten
+from causal_ie.outputs.results import flatten
 
 # no CAMs or deletion curves: the attack study is what is tested here
 ATTACK_EVAL = ["cams=[]", "evaluation.faithfulness=false", "data.test_subset=16"]

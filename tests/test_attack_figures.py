@@ -11,18 +11,15 @@ import pytest
 from causal_ie.attacks import figures
 from causal_ie.attacks.figures import (
     _clean_vs_adversarial_figure,
-    _shared_limits,
     plot_clean_vs_adversarial,
     plot_roc_curves,
     plot_statistic_histograms,
     plot_transfer_matrix,
 )
 
-import matplotlib.pyplot as plt  # noqa: E402  (Agg selected by causal_ie.report)
+from causal_ie.outputs.plots import DPI, plt
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-DPI = 110  # causal_ie.report._save
 
 
 def _example(i: int, size: int = 8, methods: tuple[str, ...] = ("ce", "ce_latent")) -> dict:
@@ -44,15 +41,15 @@ def _example(i: int, size: int = 8, methods: tuple[str, ...] = ("ce", "ce_latent
 
 @pytest.fixture
 def saved(monkeypatch):
-    """Figures passed to _save, still inspectable after it wrote and closed them."""
+    """Figures passed to save_figure, still inspectable after it wrote and closed them."""
     kept = []
-    real = figures._save
+    real = figures.save_figure
 
     def spy(fig, path):
         kept.append(fig)
         return real(fig, path)
 
-    monkeypatch.setattr(figures, "_save", spy)
+    monkeypatch.setattr(figures, "save_figure", spy)
     return kept
 
 
@@ -71,14 +68,6 @@ def test_clean_vs_adversarial_has_one_row_per_example(tmp_path):
     assert w1 == w3 == round(2.1 * 7 * DPI)  # 5 panels + clean/adv of ce_latent
     assert h3 == pytest.approx(3 * h1, abs=2)
     assert not list(tmp_path.rglob(".*tmp*"))
-
-
-def test_shared_limits_are_symmetric_for_signed_maps_and_start_at_zero_otherwise():
-    assert _shared_limits(np.array([-1.0, 0.5]), np.array([2.0, np.nan])) == (-2.0, 2.0, "RdBu_r")
-    assert _shared_limits(np.array([0.0, 0.5]), np.array([0.25])) == (0.0, 0.5, "inferno")
-    vmin, vmax, _ = _shared_limits(np.zeros(4), np.zeros(4))
-    assert vmin < vmax
-    assert _shared_limits(np.full(3, np.nan)) == (-1.0, 1.0, "RdBu_r")
 
 
 def test_clean_and_adversarial_maps_of_one_method_share_one_colour_scale():

@@ -13,7 +13,7 @@ from conftest import ROOT, TINY_EVAL, compose_config, eval_cfg
 from hydra.core.global_hydra import GlobalHydra
 
 from causal_ie.evaluation import evaluate
-from causal_ie.report import flatten
+from causal_ie.outputs.results import flatten
 
 
 def test_evaluate_writes_results_and_report(tmp_path, checkpoint):

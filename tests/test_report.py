@@ -7,7 +7,12 @@ import json
 import numpy as np
 import pytest
 
-from causal_ie.report import collect_sweep, flatten, main, plot_examples, write_report, write_results
+from causal_ie.explain.figures import plot_examples
+from causal_ie.explain.report import LocalisationReport
+from causal_ie.outputs.report import write_report
+from causal_ie.outputs.results import flatten, read_results, write_results
+from causal_ie.outputs.sweeps import collect_sweep
+from causal_ie.report import main, summarize_evaluation
 
 
 def _results(pg_ce: float, pg_cam: float) -> dict:
@@ -31,7 +36,8 @@ def test_flatten_joins_nested_keys_with_dots():
 def test_results_are_written_atomically_and_report_links_figures(tmp_path):
     path = write_results(tmp_path, _results(0.75, 0.5))
     assert json.loads(path.read_text())["localisation"]["ce"]["pointing_game"] == 0.75
-    assert not list(tmp_path.glob("*.tmp*"))
+    assert read_results(tmp_path) == _results(0.75, 0.5)
+    assert not list(tmp_path.glob(".*tmp*"))
     example = {
         "id": "img0",
         "finding": "Mass",
@@ -42,10 +48,13 @@ def test_results_are_written_atomically_and_report_links_figures(tmp_path):
     }
     fig = plot_examples([example], ["ce", "gradcam"], tmp_path / "figures" / "maps.png")
     assert fig.stat().st_size > 1000
-    report = write_report(tmp_path, _results(0.75, 0.5), {"maps": fig}).read_text()
+    section = LocalisationReport()
+    report = write_report(tmp_path, _results(0.75, 0.5), [section], {section.name: {"maps": fig}}).read_text()
     assert "![maps](figures/maps.png)" in report
     ce_row = next(line for line in report.splitlines() if line.startswith("| ce |"))
-    assert "0.750" in ce_row and "0.200" in ce_row
+    # pointing game, energy pointing game (not given: nan), iobb@0.1, ...; then deletion/insertion AUC
+    assert ce_row.startswith("| ce | 0.750 | nan | 0.500 |") and ce_row.endswith("| 0.200 | 0.700 |")
+    assert "| Mass | 1.000 |" in report
 
 
 def _fake_run(sweep, name: str, overrides: list[str], results: dict | None) -> None:
@@ -73,6 +82,14 @@ def test_summarize_tabulates_every_run_and_plots_the_swept_setting(tmp_path, cap
     assert (sweep / "summary_mask.size.png").stat().st_size > 1000
 
 
+def test_read_results_names_the_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no results file"):
+        read_results(tmp_path)
+    (tmp_path / "results.json").write_text('{"run": ')
+    with pytest.raises(ValueError, match="results.json is not valid JSON"):
+        read_results(tmp_path / "results.json")
+
+
 def test_summarize_names_a_missing_or_empty_sweep(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         collect_sweep(tmp_path / "nope")
@@ -86,7 +103,6 @@ def test_transfer_matrices_only_compare_runs_that_differ_in_attack_settings(tmp_
     import yaml
 
     from causal_ie.attacks.detection import DetectionData, save_detection_data
-    from causal_ie.report import summarize
 
     rng = np.random.default_rng(0)
     groups = [f"p{i}" for i in range(20)]
@@ -100,7 +116,7 @@ def test_transfer_matrices_only_compare_runs_that_differ_in_attack_settings(tmp_
             d / "detection.npz",
             DetectionData(clean, clean + eps * 100, ["a", "b", "c"], groups, groups, seed=0),
         )
-    out = summarize(tmp_path)
+    out = summarize_evaluation(tmp_path)
     assert {"transfer_0_csv", "transfer_1_csv"} <= set(out) and "transfer_csv" not in out
     md = (tmp_path / "summary.md").read_text()
     assert "Detection transfer (mask.size=4)" in md and "Detection transfer (mask.size=8)" in md

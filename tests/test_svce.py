@@ -190,7 +190,8 @@ def test_command_writes_results_figures_and_report(train_cfg, tmp_path):
     from conftest import compose_config
 
     from causal_ie.counterfactuals.command import run_counterfactuals
-    from causal_ie.report import flatten
+    from causal_ie.outputs.results import flatten
+    from causal_ie.outputs.schema import COUNTERFACTUAL, problems
     from causal_ie.training import train
 
     train(train_cfg())  # tmp_path/checkpoints/best.ckpt
@@ -220,6 +221,8 @@ def test_command_writes_results_figures_and_report(train_cfg, tmp_path):
         assert saved[f"counterfactual.{method}.n"] == 4
         assert 0 <= saved[f"counterfactual.{method}.box_mass_share"] <= 1
     assert saved["run.checkpoint"] == str(tmp_path / "checkpoints" / "best.ckpt")
+    assert saved["run.svce.p"] == 1.5
+    assert problems(results, COUNTERFACTUAL) == []  # every key is described in the schema
     assert (objects["counterfactuals"]["apgd"].metrics["l2"] <= cfg.counterfactual.apgd.eps * (1 + 1e-5)).all()
     for path in objects["figures"].values():
         assert path.is_file() and path.stat().st_size > 1000

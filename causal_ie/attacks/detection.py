@@ -36,8 +36,10 @@ from torch import Tensor
 from causal_ie.io import atomic_open
 
 DETECTORS: tuple[str, ...] = ("logistic", "gbm")
+DETECTION_FILE = "detection.npz"  # what one evaluate run saves (DetectionData), for transfer between runs
 
 __all__ = [
+    "DETECTION_FILE",
     "DETECTORS",
     "DetectionData",
     "DetectionResult",

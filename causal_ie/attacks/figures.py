@@ -2,8 +2,8 @@
 
 Clean versus adversarial CE maps side by side, histograms of the detection
 statistics, ROC curves of the detectors and the cross-run transfer matrix.
-Every function validates its input, draws with matplotlib (Agg) and writes a
-PNG atomically through :func:`causal_ie.report._save`.
+Every function validates its input, draws with matplotlib and writes a PNG
+through :func:`causal_ie.outputs.plots.save_figure`.
 """
 
 from __future__ import annotations
@@ -15,15 +15,11 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from matplotlib.figure import Figure
 
-from causal_ie.attacks.detection import save_detection_data
-from causal_ie.report import DETECTION_FILE, _draw_box, _save  # also selects the Agg backend
-
-import matplotlib.pyplot as plt  # noqa: E402  (after report set the backend)
-from matplotlib.figure import Figure  # noqa: E402
+from causal_ie.outputs.plots import draw_box, hide_ticks, map_scale, plt, save_figure, show_map, signed_scale
 
 __all__ = [
-    "write_attack_figures",
     "plot_clean_vs_adversarial",
     "plot_roc_curves",
     "plot_statistic_histograms",
@@ -31,33 +27,6 @@ __all__ = [
 ]
 
 _EXAMPLE_KEYS = ("finding", "prob_clean", "prob_adv", "image_clean", "image_adv", "maps")
-_TINY = 1e-8  # keeps colour limits apart when a map is constant
-
-
-# -- colour scales ------------------------------------------------------------------
-def _shared_limits(*maps: np.ndarray) -> tuple[float, float, str]:
-    """(vmin, vmax, cmap) for maps that must be compared by eye on ONE scale.
-
-    Symmetric around 0 (RdBu_r) from the largest |value| of all maps when any
-    value is negative (CE can be negative); 0..max (inferno) when all are >= 0,
-    as in :func:`causal_ie.report.plot_examples`. NaNs are ignored.
-    """
-    values = np.concatenate([np.asarray(m, dtype=float).ravel() for m in maps]) if maps else np.empty(0)
-    values = values[np.isfinite(values)]
-    if values.size == 0:
-        return -1.0, 1.0, "RdBu_r"
-    lo, hi = float(values.min()), float(values.max())
-    if lo < 0:
-        v = max(-lo, hi, _TINY)
-        return -v, v, "RdBu_r"
-    return 0.0, max(hi, _TINY), "inferno"
-
-
-def _symmetric_limit(m: np.ndarray) -> float:
-    """Largest finite |value| of ``m`` (at least a tiny epsilon) for a symmetric diverging scale."""
-    finite = np.abs(np.asarray(m, dtype=float))
-    finite = finite[np.isfinite(finite)]
-    return max(float(finite.max()) if finite.size else 0.0, _TINY)
 
 
 def _fmt_p(p: Any) -> str:
@@ -99,19 +68,10 @@ def _check_examples(examples: Sequence[Mapping[str, Any]]) -> list[str]:
     return methods
 
 
-def _map_panel(fig: Figure, ax, m: np.ndarray, image: np.ndarray, limits: tuple[float, float, str], box) -> None:
-    """A map on a fixed colour scale, the grey image faintly on top, the box and a small colour bar."""
-    vmin, vmax, cmap = limits
-    im = ax.imshow(np.asarray(m, dtype=float), cmap=cmap, vmin=vmin, vmax=vmax)
-    ax.imshow(image, cmap="gray", alpha=0.25, vmin=0, vmax=1)
-    _draw_box(ax, box)
-    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02).ax.tick_params(labelsize=5)
-
-
 def _image_panel(fig: Figure, ax, image: np.ndarray, box) -> None:
     """The grey image with its box; an invisible colour bar keeps the panel as large as the map panels."""
     im = ax.imshow(image, cmap="gray", vmin=0, vmax=1)
-    _draw_box(ax, box)
+    draw_box(ax, box)
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02).ax.set_visible(False)
 
 
@@ -135,34 +95,30 @@ def _clean_vs_adversarial_figure(examples: Sequence[Mapping[str, Any]]) -> Figur
         row[0].set_title(f"{label}{ex['finding']}\nclean p={_fmt_p(ex['prob_clean'])}", fontsize=7)
 
         c_map, a_map = ex["maps"][first]
-        limits = _shared_limits(c_map, a_map)
-        _map_panel(fig, row[1], c_map, clean, limits, box)
+        scale = map_scale(c_map, a_map)  # clean and adversarial on ONE scale, to compare by eye
+        show_map(fig, row[1], c_map, clean, box, scale)
         row[1].set_title(f"{first} (clean)", fontsize=7)
 
         _image_panel(fig, row[2], adv, box)
         row[2].set_title(f"adversarial\n{ex['finding']} p={_fmt_p(ex['prob_adv'])}", fontsize=7)
 
         delta = adv - clean
-        v = _symmetric_limit(delta)
-        im = row[3].imshow(delta, cmap="RdBu_r", vmin=-v, vmax=v)
-        fig.colorbar(im, ax=row[3], fraction=0.046, pad=0.02).ax.tick_params(labelsize=5)
+        show_map(fig, row[3], delta, scale=signed_scale(delta))
         linf = float(np.nanmax(np.abs(delta))) if np.isfinite(delta).any() else float("nan")
         row[3].set_title(f"perturbation adv − clean\nL∞={linf:.4f} ({255 * linf:.1f}/255)", fontsize=7)
 
-        _map_panel(fig, row[4], a_map, clean, limits, box)
+        show_map(fig, row[4], a_map, clean, box, scale)
         row[4].set_title(f"{first} (adv)", fontsize=7)
 
         for k, method in enumerate(rest):
             c_map, a_map = ex["maps"][method]
-            limits = _shared_limits(c_map, a_map)
+            scale = map_scale(c_map, a_map)
             ax_c, ax_a = row[5 + 2 * k], row[6 + 2 * k]
-            _map_panel(fig, ax_c, c_map, clean, limits, box)
-            _map_panel(fig, ax_a, a_map, clean, limits, box)
+            show_map(fig, ax_c, c_map, clean, box, scale)
+            show_map(fig, ax_a, a_map, clean, box, scale)
             ax_c.set_title(f"{method} (clean)", fontsize=7)
             ax_a.set_title(f"{method} (adv)", fontsize=7)
-    for ax in axes.flat:
-        ax.set_xticks([])
-        ax.set_yticks([])
+    hide_ticks(axes)
     fig.tight_layout()
     return fig
 
@@ -172,14 +128,14 @@ def plot_clean_vs_adversarial(examples: Sequence[Mapping[str, Any]], path: str |
     the clean and adversarial maps of every further method in ``ex["maps"]``.
 
     Clean and adversarial maps of one method share one colour scale (see
-    :func:`_shared_limits`) so that the change the attack made can be judged by
+    :func:`causal_ie.outputs.plots.map_scale`) so that the change the attack made can be judged by
     eye; the perturbation ``adv - clean`` gets its own symmetric scale and its
     L-inf norm in the title. Each example is a dict with ``id``, ``finding``,
     ``prob_clean``, ``prob_adv``, ``image_clean``/``image_adv`` ([H,W] in 0..1),
     ``box`` (x, y, w, h in pixels; NaN for none) and ``maps`` (method ->
     (clean [H,W], adv [H,W])).
     """
-    return _save(_clean_vs_adversarial_figure(examples), path)
+    return save_figure(_clean_vs_adversarial_figure(examples), path)
 
 
 # -- detection statistics ---------------------------------------------------------------
@@ -244,7 +200,7 @@ def plot_statistic_histograms(
     for ax in axes.flat[len(names):]:
         ax.set_visible(False)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 # -- detector ROC ----------------------------------------------------------------------
@@ -285,7 +241,7 @@ def plot_roc_curves(
         ax.set_title(title, fontsize=9)
     ax.legend(fontsize=6, loc="lower right")
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 # -- transfer between runs ---------------------------------------------------------------
@@ -326,22 +282,4 @@ def plot_transfer_matrix(matrix: pd.DataFrame, path: str | Path) -> Path:
     cbar.ax.tick_params(labelsize=6)
     cbar.set_label("detection AUROC", fontsize=7)
     fig.tight_layout()
-    return _save(fig, path)
-
-
-def write_attack_figures(out_dir: str | Path, artefacts: Mapping[str, Any]) -> dict[str, Path]:
-    """Clean-vs-adversarial maps, statistic histograms, ROC curves; ``detection.npz`` for transfer."""
-    out_dir = Path(out_dir)
-    fig_dir = out_dir / "figures"
-    figures: dict[str, Path] = {}
-    if artefacts.get("examples"):
-        figures["CE maps, clean vs adversarial"] = plot_clean_vs_adversarial(
-            artefacts["examples"], fig_dir / "adversarial_maps.png"
-        )
-    stats = artefacts["statistics"]
-    figures["CE statistics, clean vs adversarial"] = plot_statistic_histograms(
-        stats["clean"], stats["adv"], fig_dir / "adversarial_statistics.png"
-    )
-    figures["Detection ROC (held-out half)"] = plot_roc_curves(artefacts["roc"], fig_dir / "detection_roc.png")
-    save_detection_data(out_dir / DETECTION_FILE, artefacts["detection_data"])
-    return figures
+    return save_figure(fig, path)

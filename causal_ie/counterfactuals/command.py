@@ -23,12 +23,12 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 from torch.utils.data import Dataset, Subset
 
-from causal_ie.counterfactuals.figures import plot_counterfactuals, plot_mass_shares
+from causal_ie.counterfactuals.report import CounterfactualReport
 from causal_ie.counterfactuals.svce import CounterfactualGenerator, CounterfactualResult, finding_indices
-from causal_ie.evaluation import check_compatible, find_checkpoint
 from causal_ie.explain.explainers import Explainer
-from causal_ie.models import Classifier
-from causal_ie.report import write_report, write_results
+from causal_ie.outputs.report import write_artefacts, write_report
+from causal_ie.outputs.results import write_results
+from causal_ie.runs import check_compatible, load_classifier
 
 log = logging.getLogger(__name__)
 
@@ -195,8 +195,8 @@ def run_counterfactuals(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]
     methods = build_methods(settings)
     if int(settings.num_images) < 1:
         raise ValueError(f"counterfactual.num_images must be >= 1, got {settings.num_images}")
-    ckpt = find_checkpoint(cfg.get("ckpt_path"), list(cfg.paths.checkpoint_search))
-    classifier = Classifier.load(ckpt).to(_device(cfg.trainer.get("accelerator", "cpu")))
+    classifier, ckpt = load_classifier(cfg)
+    classifier = classifier.to(_device(cfg.trainer.get("accelerator", "cpu")))
     datamodule = instantiate(cfg.data, _convert_="all")
     check_compatible(classifier, datamodule, ckpt)
     names = tuple(datamodule.findings)
@@ -224,28 +224,24 @@ def run_counterfactuals(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]
             "direction": settings.direction,
             "pairs": len(pairs),
             "shortcut": shortcut or "none",
-            **{f"{name}.eps": method.eps for name, method in methods.items()},
-            **{f"{name}.p": method.p for name, method in methods.items()},
+            **{name: {"eps": method.eps, "p": method.p} for name, method in methods.items()},
         },
         "counterfactual": summary,
     }
     write_results(out_dir, results)
-    fig_dir = out_dir / "figures"
     rows = _figure_rows(pairs, per_method, names, settings.direction, int(settings.figure_rows), shortcut)
     if cfg.get("ce"):
         _add_ce_maps(rows, pairs, classifier, instantiate(cfg.ce, _convert_="all"))
-    figures = {
-        f"Counterfactuals ({settings.direction}): image with lesion box (green) and marker (orange), "
-        "then per method the counterfactual and its change": plot_counterfactuals(rows, list(methods), fig_dir / "counterfactuals.png"),
-        "Share of the change inside the lesion box and on the marker, per finding": plot_mass_shares(summary, fig_dir / "mass_shares.png"),
-    }
-    write_report(out_dir, results, figures, title="causal-ie sparse visual counterfactuals")
+    sections = [CounterfactualReport()]
+    artefacts = {"counterfactual": {"rows": rows, "methods": list(methods), "direction": settings.direction}}
+    figures = write_artefacts(out_dir, sections, results, artefacts)
+    write_report(out_dir, results, sections, figures, title="causal-ie sparse visual counterfactuals")
     _print_summary(summary, out_dir)
     return results, {
         "pairs": pairs,
         "counterfactuals": per_method,
         "datamodule": datamodule,
-        "figures": figures,
+        "figures": figures[CounterfactualReport.name],
         "figure_rows": rows,
     }
 

@@ -6,15 +6,18 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")  # figures are files; no display needed
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from causal_ie.report import _draw_box, _save  # noqa: E402
-
-LESION, MARKER = "lime", "orange"
+from causal_ie.outputs.plots import (
+    LESION_COLOUR,
+    MARKER_COLOUR,
+    draw_box,
+    hide_ticks,
+    plt,
+    save_figure,
+    show_map,
+    signed_scale,
+)
 
 
 def plot_counterfactuals(rows: Sequence[Mapping[str, Any]], methods: Sequence[str], path: str | Path) -> Path:
@@ -35,37 +38,29 @@ def plot_counterfactuals(rows: Sequence[Mapping[str, Any]], methods: Sequence[st
         image = np.asarray(row["image"], dtype=float)
         ax = axes[r, 0]
         ax.imshow(image, cmap="gray", vmin=0, vmax=1)
-        _draw_box(ax, row["box"], LESION)
-        _draw_box(ax, row["marker_box"], MARKER)
+        draw_box(ax, row["box"], LESION_COLOUR)
+        draw_box(ax, row["marker_box"], MARKER_COLOUR)
         ax.set_title(f"{row['finding']} ({row['direction']})\ny={row['before']:.2f}", fontsize=8)
         if with_ce and "ce" in row:
             ce = np.asarray(row["ce"], dtype=float)
-            v = max(float(np.abs(ce).max()), 1e-6)
             ax = axes[r, 1]
-            im = ax.imshow(ce, cmap="RdBu_r", vmin=-v, vmax=v)
-            ax.imshow(image, cmap="gray", alpha=0.25, vmin=0, vmax=1)
-            _draw_box(ax, row["box"], LESION)
-            _draw_box(ax, row["marker_box"], MARKER)
+            show_map(fig, ax, ce, image, row["box"], signed_scale(ce))
+            draw_box(ax, row["marker_box"], MARKER_COLOUR)
             ax.set_title("CE map", fontsize=8)
-            fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02).ax.tick_params(labelsize=5)
         changes = {m: np.asarray(row["counterfactuals"][m]["image"], dtype=float) - image for m in methods}
-        scale = max(max(float(np.abs(c).max()) for c in changes.values()), 1e-6)
+        scale = signed_scale(*changes.values())  # one scale per row, so methods compare at a glance
         for c, method in enumerate(methods):
             cf = row["counterfactuals"][method]
             ax = axes[r, first + 2 * c]
             ax.imshow(cf["image"], cmap="gray", vmin=0, vmax=1)
             ax.set_title(f"{method}\ny={cf['after']:.2f}", fontsize=8)
             ax = axes[r, first + 1 + 2 * c]
-            im = ax.imshow(changes[method], cmap="RdBu_r", vmin=-scale, vmax=scale)
-            _draw_box(ax, row["box"], LESION)
-            _draw_box(ax, row["marker_box"], MARKER)
+            show_map(fig, ax, changes[method], box=row["box"], scale=scale, colorbar=c == len(methods) - 1)
+            draw_box(ax, row["marker_box"], MARKER_COLOUR)
             ax.set_title(f"{method}: z - x", fontsize=8)
-        fig.colorbar(im, ax=axes[r, -1], fraction=0.046, pad=0.02).ax.tick_params(labelsize=5)
-    for ax in axes.flat:
-        ax.set_xticks([])
-        ax.set_yticks([])
+    hide_ticks(axes)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_mass_shares(summary: Mapping[str, Mapping[str, Any]], path: str | Path) -> Path:
@@ -85,4 +80,4 @@ def plot_mass_shares(summary: Mapping[str, Mapping[str, Any]], path: str | Path)
         ax.set_title(key.replace("_", " "), fontsize=9)
     axes[0, 0].legend(fontsize=7)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)

@@ -13,10 +13,8 @@ from torchmetrics.classification import MultilabelAUROC
 
 from causal_ie.attacks.evaluation import AttackEvaluation
 from causal_ie.explain.explainers import Explainer, select_maps
-from causal_ie.explain.metrics import DeletionInsertion, localisation_metrics
+from causal_ie.explain.metrics import DEFAULT_THRESHOLDS, DeletionInsertion, localisation_metrics
 from causal_ie.models import Classifier
-
-THRESHOLDS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
 
 
 def box_pairs(labels: torch.Tensor, boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -32,15 +30,17 @@ class CEEvaluation(L.LightningModule):
 
     Metrics are torchmetrics, so under DDP each process scores its shard and
     ``compute`` syncs them: the numbers equal a single-process run. After the
-    test epoch, ``results`` holds the nested results (DESIGN section 4) and
-    ``examples`` a few (image, box, maps) per finding for the figures.
+    test epoch, ``results`` holds the nested results (keys in
+    :mod:`causal_ie.outputs.schema`) and ``artefacts`` what the report sections draw:
+    ``localisation.examples``, a few (image, box, maps) per finding, and with an
+    attack the attack study's ``attack`` artefacts.
     """
 
     def __init__(
         self,
         classifier: Classifier,
         explainers: Mapping[str, Explainer],
-        thresholds: Sequence[float] = THRESHOLDS,
+        thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
         deletion_steps: int = 10,
         deletion_baseline: str = "blur",
         deletion_batch_size: int = 128,
@@ -78,8 +78,7 @@ class CEEvaluation(L.LightningModule):
         self.attack = attack
         self.examples: list[dict[str, Any]] = []
         self.results: dict[str, Any] = {}
-        # with an attack: histograms, ROC curves, detector data and examples for the figures
-        self.attack_artefacts: dict[str, Any] = {}
+        self.artefacts: dict[str, dict[str, Any]] = {}
         self._pairs_seen = torch.zeros((), dtype=torch.long)
         self._images_seen = torch.zeros((), dtype=torch.long)
 
@@ -164,8 +163,9 @@ class CEEvaluation(L.LightningModule):
                 faith = self.faithfulness[name]
                 results["faithfulness"][name] = {k: float(v) for k, v in faith.compute().items()}
                 faith.reset()
+        self.artefacts = {"localisation": {"examples": self.examples}}
         if self.attack is not None:
-            attack_results, self.attack_artefacts = self.attack.compute()
+            attack_results, self.artefacts["attack"] = self.attack.compute()
             results.update(attack_results)
         self.results = results
         ce = results["localisation"].get("ce", {})

@@ -1,0 +1,153 @@
+"""The attack study's outputs: its report.md section, figures and detection.npz, and the
+detection-transfer matrices of a sweep."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from causal_ie.attacks.detection import DETECTION_FILE, load_detection_data, save_detection_data, transfer_matrix
+from causal_ie.attacks.figures import (
+    plot_clean_vs_adversarial,
+    plot_roc_curves,
+    plot_statistic_histograms,
+    plot_transfer_matrix,
+)
+from causal_ie.io import atomic_write_text
+from causal_ie.outputs.report import Figures
+from causal_ie.outputs.tables import fmt, markdown_table
+
+log = logging.getLogger(__name__)
+
+
+class AttackReport:
+    """The attack, the CE statistics clean vs adversarial, the detectors; their figures and
+    ``detection.npz`` (the features of every image pair, for transfer between runs).
+
+    Artefacts (from :class:`causal_ie.attacks.evaluation.AttackEvaluation`): ``examples``,
+    ``statistics`` (``clean``/``adv``: name -> values per image), ``roc`` (detector -> (fpr, tpr,
+    auroc)) and ``detection_data``.
+    """
+
+    name = "attack"
+    headline = ("attack.success_rate", "detection.ce.auroc", "detection.ce.tpr@5fpr", "detection.max_prob.auroc",
+                "detection.noise_flip.auroc")
+
+    def markdown(self, results: Mapping[str, Any]) -> list[str]:
+        attack = results.get("attack")
+        if not attack:
+            return []
+        pert = attack.get("perturbation", {})
+        clean_auroc = results.get("classification", {}).get("auroc_mean", float("nan"))
+        nan = float("nan")
+        parts = [
+            f"## Adversarial attack: {attack['name']} ({attack['mode']}, target {attack['target']}, "
+            f"{attack['norm']} eps {fmt(attack['eps'])})",
+            "",
+            markdown_table(
+                ["success rate", "eligible images", "flip rate", "mean AUROC clean", "mean AUROC attacked", "L-inf", "L2", "L0 share"],
+                [[attack["success_rate"], f"{attack['eligible_images']} / {attack['num_images']}", attack["flip_rate"],
+                  clean_auroc, attack["auroc_mean"], fmt(pert.get("linf", nan), 4), fmt(pert.get("l2", nan), 4),
+                  pert.get("l0", nan)]],
+            ),
+            "",
+            "Success rate: among images the attack could change (untargeted: the attacked findings were "
+            "predicted right on the clean image), the share where an attacked prediction flipped "
+            "(targeted: reached the goal). Flip rate: share of attacked (image, finding) predictions "
+            "that changed at threshold 0.5.",
+            "",
+        ]
+        under = results.get("ce_under_attack", {})
+        if under:
+            rows = [
+                [method, stat, v.get("clean_mean", nan), v.get("adv_mean", nan), v.get("separation_auroc", nan)]
+                for method, stats in under.items()
+                for stat, v in stats.items()
+            ]
+            parts += [
+                "### CE maps under attack (the attacked, or most likely, finding's map)",
+                "",
+                "Separation: AUROC of the statistic alone for adversarial vs clean (0.5: no difference).",
+                "",
+                markdown_table(["method", "statistic", "clean mean", "adversarial mean", "separation"], rows),
+                "",
+            ]
+        det = results.get("detection", {})
+        scored = {k: v for k, v in det.items() if isinstance(v, Mapping)}
+        if scored:
+            rows = [
+                [k, v.get("auroc", nan), v.get("auroc_std", nan), v.get("tpr@5fpr", nan), v.get("splits", 1),
+                 f"{v.get('n_train', '?')} / {v.get('n_test', '?')}"]
+                for k, v in scored.items()
+            ]
+            parts += [
+                f"### Detection ({det.get('detector', '?')} detector, trained on one patient-grouped half, "
+                "scored on the other; mean over splits)",
+                "",
+                markdown_table(["features", "AUROC", "± std over splits", "TPR at 5% FPR", "splits", "train / test images"], rows),
+                "",
+                "ROC curves: the first split.",
+                "",
+            ]
+        return parts
+
+    def write_artefacts(self, out_dir: Path, results: Mapping[str, Any], artefacts: Mapping[str, Any]) -> Figures:
+        save_detection_data(out_dir / DETECTION_FILE, artefacts["detection_data"])
+        fig_dir = out_dir / "figures"
+        figures: Figures = {}
+        if artefacts.get("examples"):
+            figures["CE maps, clean vs adversarial"] = plot_clean_vs_adversarial(
+                artefacts["examples"], fig_dir / "adversarial_maps.png"
+            )
+        stats = artefacts["statistics"]
+        figures["CE statistics, clean vs adversarial"] = plot_statistic_histograms(
+            stats["clean"], stats["adv"], fig_dir / "adversarial_statistics.png"
+        )
+        figures["Detection ROC (held-out half)"] = plot_roc_curves(artefacts["roc"], fig_dir / "detection_roc.png")
+        return figures
+
+
+class DetectionTransfer:
+    """Sweep extension: train the CE detector on each attacked run and test it on every other.
+
+    Only runs that differ in attack settings alone are compared (a detector trained on
+    8 px CE maps says nothing about 16 px ones): one matrix per combination of the other
+    swept settings, ``transfer[_<i>].csv/png``. The detector is the runs'
+    ``detection.detector``, on each run's first split.
+    """
+
+    def __call__(self, sweep_dir: Path, runs: pd.DataFrame, params: Sequence[str]) -> tuple[dict[str, Path], list[str]]:
+        attack_params = [p for p in params if p == "attack" or p.startswith("attack.")]
+        other_params = [p for p in params if p not in attack_params]
+        groups: dict[str, dict[str, Any]] = {}
+        for _, row in runs.iterrows():
+            path = sweep_dir / str(row["run"]) / DETECTION_FILE
+            if not path.is_file():
+                continue
+            context = ", ".join(f"{p}={row[p]}" for p in other_params)
+            label = ", ".join(f"{p}={row[p]}" for p in attack_params) or str(row["run"])
+            groups.setdefault(context, {})[label] = load_detection_data(path)
+        detectors = runs["detection.detector"].dropna() if "detection.detector" in runs else pd.Series(dtype=object)
+        kind = str(detectors.iloc[0]) if len(detectors) else "logistic"
+        files: dict[str, Path] = {}
+        lines: list[str] = []
+        comparable = {c: data for c, data in groups.items() if len(data) >= 2}
+        for i, (context, data) in enumerate(comparable.items()):
+            if len({tuple(d.feature_names) for d in data.values()}) > 1:
+                log.warning("runs %s have different CE features: no transfer matrix", context or "of this sweep")
+                continue
+            matrix = transfer_matrix(data, kind=kind)
+            stem = "transfer" if len(comparable) == 1 else f"transfer_{i}"
+            files[f"{stem}_csv"] = atomic_write_text(sweep_dir / f"{stem}.csv", matrix.to_csv())
+            files[f"{stem}_png"] = plot_transfer_matrix(matrix, sweep_dir / f"{stem}.png")
+            title = "Detection transfer" + (f" ({context})" if context else "")
+            table = markdown_table(
+                ["trained on \\ tested on", *map(str, matrix.columns)],
+                ([str(name), *(float(v) for v in row)] for name, row in zip(matrix.index, matrix.to_numpy())),
+            )
+            lines += ["", f"## {title}", "", "AUROC; rows: trained on, columns: tested on (unseen patients; first split).", "", table]
+        return files, lines

@@ -1,0 +1,287 @@
+"""The keys of results.json and what they mean: the one place they are written down.
+
+A schema is a tree of :class:`Key` leaves. Its keys are literal names or
+patterns with placeholders: ``<T>`` a threshold number, ``<finding>``,
+``<method>``, ``<detector>``, ``<statistic>`` any single key. A literal name
+wins over a pattern. ``docs/results.md`` is rendered from these trees
+(:func:`render_markdown`; a test keeps it current) and :func:`problems`
+checks a results dict against them (tests run it on real runs, so a key that
+is written but not described here fails).
+
+Flattened keys join the levels with dots: ``localisation.ce.pointing_game``.
+A :class:`Key` with ``interval=True`` may carry its 95 % interval beside it as
+``<key>_ci_low`` / ``<key>_ci_high``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Union
+
+from causal_ie.outputs.tables import markdown_table
+
+
+@dataclass(frozen=True)
+class Key:
+    """A leaf of results.json: its JSON type(s) and meaning."""
+
+    kind: type | tuple[type, ...]
+    meaning: str
+    interval: bool = False
+
+
+Tree = Mapping[str, Union[Key, "Tree"]]
+
+_PLACEHOLDER = re.compile(r"<([a-zA-Z_]+)>")
+_NUMBER = r"[0-9]+(?:\.[0-9]+)?"
+CI_SUFFIXES = ("_ci_low", "_ci_high")
+
+# -- evaluate.py -----------------------------------------------------------------------------
+RECONSTRUCTION: Tree = {
+    "space": Key(str, "where the latent CE intervenes: activation (the layer's output) or autoencoder (its bottleneck)"),
+    "reconstruction_l1": Key(float, "autoencoder only: mean |A - decode(encode(A))| over the training images"),
+    "activation_l1": Key(float, "autoencoder only: mean |A|, the scale the reconstruction error compares to"),
+}
+
+EVALUATION_RUN: Tree = {
+    "checkpoint": Key(str, "the classifier's checkpoint file"),
+    "data": Key(str, "the data source: synthetic, nih or chestmnist"),
+    "image_size": Key(int, "side of the square test images in pixels, the resolution of every map"),
+    "mask": Key(str, "region kind of the main CE (patch, pixel, superpixel, latent), or none"),
+    "backbone": Key(str, "the classifier's backbone (timm name)"),
+    "<method>": RECONSTRUCTION,
+}
+
+LOCALISATION: Tree = {
+    "pointing_game": Key(float, "share of maps whose maximum lies in the box (ties: the share of maximal pixels in it)", True),
+    "energy_pointing_game": Key(float, "mean share of the map's positive mass inside the box"),
+    "iobb@<T>": Key(float, "share of pairs whose predicted box (largest component of the map >= 0.5 after min-max normalisation) has IoBB > T (Wang et al. 2017)"),
+    "iou@<T>": Key(float, "share of pairs whose predicted box has IoU > T with the lesion box"),
+    "iobb_mean": Key(float, "mean IoBB of the predicted boxes"),
+    "iou_mean": Key(float, "mean IoU of the predicted boxes"),
+    "pairs": Key((int, float), "(image, finding) pairs scored"),
+}
+
+FAITHFULNESS: Tree = {
+    "deletion_auc": Key(float, "area under the finding's probability as pixels are deleted in map order (lower: more faithful)"),
+    "insertion_auc": Key(float, "area under the finding's probability as pixels are inserted in map order (higher: more faithful)"),
+}
+
+ATTACK: Tree = {
+    "name": Key(str, "torchattacks attack (fgsm, bim, pgd, pgdl2, cw, apgd, square)"),
+    "target": Key(str, "attacked findings: top (each image's most likely), all, or a finding name"),
+    "mode": Key(str, "untargeted, or targeted:present / targeted:absent"),
+    "eps": Key((float, int, type(None)), "perturbation radius in [0, 1] pixel units (L2 radius for L2 attacks)"),
+    "norm": Key(str, "Linf or L2"),
+    "success_rate": Key(float, "among eligible images, the share where the attack reached its goal", True),
+    "eligible_images": Key(int, "images the attack could change (untargeted: attacked findings right on the clean image; targeted: not yet at the goal)"),
+    "num_images": Key(int, "test images attacked"),
+    "flip_rate": Key(float, "share of attacked (image, finding) predictions that changed at threshold 0.5"),
+    "auroc_mean": Key(float, "mean AUROC over findings on the adversarial images", True),
+    "auroc": {"<finding>": Key(float, "AUROC of the finding on the adversarial images", True)},
+    "perturbation": {
+        "linf": Key(float, "mean L-inf norm of adversarial - clean"),
+        "l2": Key(float, "mean L2 norm of adversarial - clean"),
+        "l0": Key(float, "mean share of pixels changed by more than 1e-6"),
+    },
+}
+
+STATISTIC_SHIFT: Tree = {
+    "clean_mean": Key(float, "mean of the statistic over the clean images' maps"),
+    "adv_mean": Key(float, "mean over the adversarial images' maps"),
+    "separation_auroc": Key(float, "AUROC of the statistic alone for adversarial vs clean (0.5: no difference)"),
+}
+
+DETECTOR_SCORES: Tree = {
+    "auroc": Key(float, "detection AUROC on the held-out half (mean over splits)", True),
+    "tpr@5fpr": Key(float, "true positive rate at 5 % false positive rate on the held-out half (mean over splits)", True),
+    "n_train": Key(int, "image pairs the detector was trained on (first split)"),
+    "n_test": Key(int, "image pairs it was scored on (first split)"),
+    "auroc_std": Key(float, "standard deviation of the AUROC over the re-splits of the same images (not an interval)"),
+    "splits": Key(int, "patient-grouped splits averaged"),
+}
+
+DETECTION: Tree = {
+    "detector": Key(str, "the classifier on the CE features: logistic or gbm"),
+    "features": Key(int, "CE features per image"),
+    "pairs": Key(str, "which (clean, adversarial) pairs enter: changed (the attack changed the image) or all"),
+    "images": Key(int, "image pairs the detectors were fitted and scored on"),
+    "<detector>": DETECTOR_SCORES,
+}
+
+EVALUATION: Tree = {
+    "run": EVALUATION_RUN,
+    "classification": {
+        "auroc_mean": Key(float, "mean AUROC over the findings on the test images", True),
+        "auroc": {"<finding>": Key(float, "AUROC of the finding on the test images", True)},
+        "num_images": Key(int, "test images classified"),
+    },
+    "localisation_pairs": Key(int, "(image, finding) pairs with a box that every explainer was scored on"),
+    "localisation": {"<method>": LOCALISATION},
+    "faithfulness": {"<method>": FAITHFULNESS},
+    "attack": ATTACK,
+    "ce_under_attack": {
+        "<method>": {
+            "<statistic>": STATISTIC_SHIFT,
+            "correlation_with_clean": {"adv_mean": Key(float, "mean Pearson correlation of the adversarial map with the clean one")},
+        }
+    },
+    "detection": DETECTION,
+}
+
+# -- python -m causal_ie.counterfactuals -------------------------------------------------------
+COUNTERFACTUAL_MEASURES: Tree = {
+    "n": Key(int, "(image, finding) pairs"),
+    "confidence_before": Key(float, "mean probability of the target finding on the image"),
+    "confidence_after": Key(float, "mean probability on the counterfactual"),
+    "success_rate": Key(float, "share of counterfactuals that crossed 0.5 in the asked direction"),
+    "l0": Key(float, "mean number of pixel values changed by more than 1e-3"),
+    "l1": Key(float, "mean l1 norm of the change"),
+    "l1_5": Key(float, "mean l1.5 norm of the change"),
+    "l2": Key(float, "mean l2 norm of the change"),
+    "box_mass_share": Key(float, "mean share of the change's mass inside the lesion box"),
+    "marker_mass_share": Key(float, "mean share of the change's mass on the planted shortcut marker (images with one)"),
+    "n_with_marker": Key(int, "pairs whose image carries the marker"),
+}
+
+COUNTERFACTUAL: Tree = {
+    "run": {
+        "checkpoint": Key(str, "the classifier's checkpoint file"),
+        "data": Key(str, "the data source"),
+        "image_size": Key(int, "side of the square images in pixels"),
+        "backbone": Key(str, "the classifier's backbone"),
+        "direction": Key(str, "remove or add the finding"),
+        "pairs": Key(int, "(image, finding) pairs explained"),
+        "shortcut": Key(str, "the finding a shortcut marker was planted with, or none"),
+        "<method>": {"eps": Key((float, int), "radius of the method's lp ball"), "p": Key((float, int), "the p of the ball")},
+    },
+    "counterfactual": {
+        "<method>": {
+            **COUNTERFACTUAL_MEASURES,
+            "per_finding": {"<finding>": COUNTERFACTUAL_MEASURES},
+            "shortcut": {
+                "finding": Key(str, "the finding the marker was planted with"),
+                "marker_mass_share": Key(float, "share of the change on the marker, counterfactuals of that finding"),
+                "marker_mass_share_other_findings": Key(float, "the same for the other findings' counterfactuals"),
+                "n_with_marker": Key(int, "pairs of that finding whose image carries the marker"),
+                "n_with_marker_other_findings": Key(int, "pairs of the other findings whose image carries it"),
+            },
+        }
+    },
+}
+
+SCHEMAS: dict[str, Tree] = {"evaluate": EVALUATION, "counterfactuals": COUNTERFACTUAL}
+
+
+# -- matching ---------------------------------------------------------------------------------
+def _pattern(key: str) -> re.Pattern[str]:
+    parts, last = [], 0
+    for m in _PLACEHOLDER.finditer(key):
+        parts.append(re.escape(key[last : m.start()]))
+        parts.append(_NUMBER if m.group(1) == "T" else r".+")
+        last = m.end()
+    parts.append(re.escape(key[last:]))
+    return re.compile("".join(parts) + r"\Z")
+
+
+def _lookup(tree: Tree, key: str) -> tuple[str, Key | Tree] | None:
+    """The schema entry for ``key``: the literal one, else the first pattern matching it."""
+    if key in tree:
+        return key, tree[key]
+    for name, entry in tree.items():
+        if "<" in name and _pattern(name).match(key):
+            return name, entry
+    return None
+
+
+def _interval_base(tree: Tree, key: str) -> Key | None:
+    for suffix in CI_SUFFIXES:
+        if key.endswith(suffix):
+            found = _lookup(tree, key[: -len(suffix)])
+            if found and isinstance(found[1], Key) and found[1].interval:
+                return found[1]
+    return None
+
+
+def problems(results: Mapping[str, Any], tree: Tree, prefix: str = "") -> list[str]:
+    """What in ``results`` the schema does not describe: unknown keys, wrong types, a
+    section where a value should be or the other way round. Empty when all is described."""
+    found: list[str] = []
+    for key, value in results.items():
+        name = f"{prefix}{key}"
+        entry = _lookup(tree, key)
+        if entry is None:
+            base = _interval_base(tree, key)
+            if base is None:
+                found.append(f"{name}: not in the schema")
+            elif not _is_number(value):
+                found.append(f"{name}: an interval bound must be a number, got {value!r}")
+            continue
+        spec = entry[1]
+        if isinstance(spec, Key):
+            if isinstance(value, Mapping):
+                found.append(f"{name}: expected a value ({spec.meaning}), got a section")
+            elif not _has_kind(value, spec.kind):
+                found.append(f"{name}: expected {_kind_name(spec.kind)}, got {type(value).__name__} {value!r}")
+        elif not isinstance(value, Mapping):
+            found.append(f"{name}: expected a section, got {type(value).__name__} {value!r}")
+        else:
+            found += problems(value, spec, name + ".")
+    return found
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _has_kind(value: Any, kind: type | tuple[type, ...]) -> bool:
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if isinstance(value, bool):
+        return bool in kinds
+    if float in kinds and isinstance(value, int):  # JSON writes 1.0 as 1.0 but tolerate ints
+        return True
+    return isinstance(value, kinds) or (value is None and type(None) in kinds)
+
+
+def _kind_name(kind: type | tuple[type, ...]) -> str:
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    names = {int: "int", float: "number", str: "string", bool: "bool", type(None): "null"}
+    return " or ".join(names.get(k, k.__name__) for k in kinds)
+
+
+# -- documentation ----------------------------------------------------------------------------
+def rows(tree: Tree, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(flattened key pattern, type, meaning) of every leaf, in schema order."""
+    out = []
+    for name, entry in tree.items():
+        key = f"{prefix}{name}"
+        if isinstance(entry, Key):
+            meaning = entry.meaning + (" (95 % interval: `_ci_low`, `_ci_high`)" if entry.interval else "")
+            out.append((f"`{key}`", _kind_name(entry.kind), meaning))
+        else:
+            out += rows(entry, key + ".")
+    return out
+
+
+def render_markdown() -> str:
+    """docs/results.md: every results.json key of every command, with its type and meaning."""
+    parts = [
+        "# results.json",
+        "",
+        "Every run of `evaluate.py` and `python -m causal_ie.counterfactuals` writes `results.json` in",
+        "its output directory, atomically. Keys below are flattened with dots (`localisation.ce.pointing_game`",
+        "is `results['localisation']['ce']['pointing_game']`). Placeholders: `<T>` a threshold,",
+        "`<finding>` a finding name, `<method>` an explainer (`ce`, `ce_latent`, a CAM) or counterfactual",
+        "method, `<detector>` a detector, `<statistic>` a CE-map statistic. NaN is written where a",
+        "value is undefined (e.g. an AUROC on a finding without positives).",
+        "",
+        "Rendered from `causal_ie/outputs/schema.py`; edit it there.",
+        "",
+    ]
+    for command, tree in SCHEMAS.items():
+        title = "evaluate.py" if command == "evaluate" else f"python -m causal_ie.{command}"
+        parts += [f"## `{title}`", "", markdown_table(["key", "type", "meaning"], rows(tree)), ""]
+    return "\n".join(parts)
+
