@@ -98,3 +98,31 @@ def test_bad_settings_are_named(tmp_path):
         ChestXray14DataModule(test_subset=0)
     with pytest.raises(DataError, match=str(tmp_path / "missing")):
         ChestXray14DataModule(source="nih", root=str(tmp_path / "missing"), image_size=16).setup("test")
+
+
+def test_data_report_synthetic_and_chestmnist_counts(tmp_path):
+    import json
+
+    dm = ChestXray14DataModule(image_size=16, synthetic=SMALL, test_subset=4)
+    report = dm.data_report()
+    assert report == {
+        "source": "synthetic",
+        "splits": {"train": {"images": 40}, "val": {"images": 12}, "test": {"images": 4, "images_before_subset": 10}},
+    }
+    assert dm.datasets == {}  # counting generates nothing
+    root = make_chestmnist_root(tmp_path, size=28, n=(6, 3, 5))
+    report = ChestXray14DataModule(source="chestmnist", root=str(root), image_size=24).data_report()
+    assert json.loads(json.dumps(report)) == report
+    assert report["splits"] == {"train": {"images": 6}, "val": {"images": 3}, "test": {"images": 5}}
+
+
+def test_nih_data_report_after_setup_is_the_same_read(tmp_path):
+    root = make_nih_root(tmp_path, n_patients=8, images_per_patient=3, image_size=32, official_split=True)
+    dm = ChestXray14DataModule(source="nih", root=str(root), image_size=16, cache_dir=str(tmp_path / "cache"), augment=False)
+    dm.setup("fit")
+    dm.setup("test")
+    report = dm.data_report()
+    assert (report["images_listed"], report["images_found"], report["images_used"], report["images_skipped"]) == (24, 24, 24, 0)
+    assert report["skipped"] == {} and report["image_folders"] == ["images"]
+    assert sum(s["images"] for s in report["splits"].values()) == 24
+    assert report["splits"]["test"]["images"] == len(dm.dataset("test")) == 6

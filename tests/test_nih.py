@@ -54,10 +54,20 @@ def test_read_metadata_prefers_v2020_file(tmp_path):
     assert len(nih.read_metadata(root)) == 4
 
 
-def test_original_sizes_from_split_header_columns(tmp_path):
-    root = make_nih_root(tmp_path, n_patients=2, images_per_patient=1, image_size=16, original_size=1024)
-    entries = nih._load_entries(root, ProblemLog())
-    assert entries["width"].tolist() == [1024, 1024] and entries["height"].tolist() == [1024, 1024]
+def test_boxes_scale_by_png_size_not_original_image_size(tmp_path):
+    """OriginalImage[Width,Height] is the scan before NIH resized it to the PNG; the box file's
+    pixels are the PNG's, so boxes scale by image_size / PNG size (here 16 / 32)."""
+    root = make_nih_root(tmp_path, n_patients=8, images_per_patient=3, image_size=32, official_split=True)
+    originals = [line.split(",")[7:9] for line in (root / V2020_NAME).read_text().splitlines()[1:]]
+    assert all(int(w) >= 2500 and int(h) >= 2048 for w, h in originals)  # as in the real file, never the PNG's 32
+    ds = nih.NIHDataset.from_root(root, "test", image_size=16, cache_dir=tmp_path / "c")
+    records = {r.name: r for r in nih_records(8, 3, 32)}
+    checked = 0
+    for i, name in enumerate(ds.ids):
+        for finding, x, y, w, h in records[name].boxes:
+            np.testing.assert_allclose(ds[i]["boxes"][FINDINGS.index(finding)].numpy(), [x / 2, y / 2, w / 2, h / 2], rtol=1e-6)
+            checked += 1
+    assert checked >= 1
 
 
 def test_missing_root_and_csv_errors(tmp_path):
@@ -290,14 +300,14 @@ def test_nih_dataset_items_and_box_scaling(tmp_path):
 
 
 def test_nih_dataset_boxes_only_and_enclosing_box(tmp_path):
-    root = make_nih_root(tmp_path, n_patients=6, images_per_patient=3, image_size=32, original_size=64)
+    root = make_nih_root(tmp_path, n_patients=6, images_per_patient=3, image_size=64)
     records = nih_records(6, 3, 64)
     ds = nih.NIHDataset.from_root(root, "train", image_size=32, cache_dir=tmp_path / "c", test_fraction=0.0, val_fraction=0.0, boxes_only=True)
     assert sorted(ds.ids) == sorted(r.name for r in records if r.boxes)
     nodule = next(r for r in records if len([b for b in r.boxes if b[0] == "Nodule"]) == 2)
     (_, x0, y0, w0, h0), (_, x1, y1, w1, h1) = [b for b in nodule.boxes if b[0] == "Nodule"]
     x, y = min(x0, x1), min(y0, y1)
-    enclosing = np.array([x, y, max(x0 + w0, x1 + w1) - x, max(y0 + h0, y1 + h1) - y]) * 32 / 64  # originals are 64 px
+    enclosing = np.array([x, y, max(x0 + w0, x1 + w1) - x, max(y0 + h0, y1 + h1) - y]) * 32 / 64  # the PNGs are 64 px
     box = ds[ds.ids.index(nodule.name)]["boxes"][FINDINGS.index("Nodule")].numpy()
     np.testing.assert_allclose(box, enclosing, rtol=1e-6)
 
@@ -346,3 +356,22 @@ def test_from_root_skip_leaves_out_and_counts(tmp_path, caplog):
     for i in range(len(ds)):  # rows still line up with their images after skipped ones
         expected = expected_pixels(kept[ds.ids[i]], 16).astype(np.float32) / 255
         np.testing.assert_allclose(ds[i]["image"][0].numpy(), expected, atol=1e-7)
+
+
+def test_box_past_the_png_edge_is_reported_not_misplaced(tmp_path):
+    """Boxes are in the distributed PNG's pixels: one that ends past the PNG (here: images
+    shrunk by hand to 32 px while the box file speaks of 1024 px) is an error naming the box."""
+    root = make_nih_root(tmp_path, n_patients=8, images_per_patient=3, image_size=32, official_split=True)
+    path = root / "BBox_List_2017.csv"
+    lines = path.read_text().splitlines()
+    image = lines[1].split(",")[0]
+    lines.append(f"{image},Mass,500.0,300.0,100.0,80.0,,,")
+    path.write_text("\n".join(lines) + "\n")
+    kwargs = dict(image_size=16, cache_dir=tmp_path / "c", val_fraction=0.0)
+    with pytest.raises(DataError, match=rf"box outside its image: BBox_List_2017\.csv {image} Mass.*32x32 PNG"):
+        nih.NIHDataset.from_root(root, "test", **kwargs)
+    problems_before = nih.load_splits(root, 16, tmp_path / "c", val_fraction=0.0, on_error="skip")
+    assert problems_before.report["skipped"] == {"box outside its image": 1} and problems_before.report["images_skipped"] == 0
+    split = next(s for s, ds in problems_before.datasets.items() if image in ds.ids)
+    ds = problems_before.datasets[split]
+    assert torch.isnan(ds[ds.ids.index(image)]["boxes"][FINDINGS.index("Mass")]).all()  # dropped, not misplaced

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 from pathlib import Path
 from typing import Any
@@ -43,7 +44,8 @@ class ChestXray14DataModule(L.LightningDataModule):
         test_subset: use only the first n test images (quick evaluations).
         chestmnist_size: which MedMNIST file to read (28/64/128/224); default:
             the smallest one at least ``image_size``.
-        on_error: ``raise`` (default) or ``skip`` missing/unreadable files.
+        on_error: ``raise`` (default) or ``skip`` missing/unreadable files
+            (counted in :meth:`data_report`).
     """
 
     def __init__(
@@ -109,25 +111,14 @@ class ChestXray14DataModule(L.LightningDataModule):
             else None
         )
         self.datasets: dict[str, Dataset] = {}
+        self._nih: Any = None  # NIHSplits: the folder is read once for all three splits
 
     # -- building the splits -------------------------------------------------
     def _build(self, split: str) -> Dataset:
         if self.source == "synthetic":
             return self._synthetic(split)
         if self.source == "nih":
-            from causal_ie.data.nih import NIHDataset
-
-            return NIHDataset.from_root(
-                self.root,
-                split,
-                image_size=self.image_size,
-                cache_dir=self.cache_dir,
-                val_fraction=self.val_fraction,
-                test_fraction=self.test_fraction,
-                seed=self.seed,
-                on_error=self.on_error,
-                boxes_only=self.test_boxes_only and split == "test",
-            )
+            return self._nih_splits().datasets[split]
         from causal_ie.data.chestmnist import ChestMNISTDataset, read_chestmnist
 
         # The smallest MedMNIST file at least as large as the wanted size.
@@ -135,11 +126,33 @@ class ChestXray14DataModule(L.LightningDataModule):
         images, labels = read_chestmnist(self.root, size=self.chestmnist_size or native)[split]
         return ChestMNISTDataset(images, labels, image_size=self.image_size, split=split)
 
+    def _nih_splits(self) -> Any:
+        """All NIH splits, read once: prepare_data and every setup share them, so the
+        problems of a partial download are logged once, not once per call."""
+        if self._nih is None:
+            from causal_ie.data.nih import load_splits
+
+            self._nih = load_splits(
+                self.root,
+                self.image_size,
+                cache_dir=self.cache_dir,
+                val_fraction=self.val_fraction,
+                test_fraction=self.test_fraction,
+                seed=self.seed,
+                on_error=self.on_error,
+                boxes_only=("test",) if self.test_boxes_only else (),
+            )
+        return self._nih
+
+    def _synthetic_sizes(self) -> dict[str, int]:
+        cfg = self.synthetic
+        return {"train": cfg.get("num_train", 4000), "val": cfg.get("num_val", 500), "test": cfg.get("num_test", 500)}
+
     def _synthetic(self, split: str) -> Dataset:
         from causal_ie.data.synthetic import SyntheticCXR
 
         cfg = self.synthetic
-        sizes = {"train": cfg.get("num_train", 4000), "val": cfg.get("num_val", 500), "test": cfg.get("num_test", 500)}
+        sizes = self._synthetic_sizes()
         spurious = cfg.get("spurious")
         if split == "test" and "test_spurious" in cfg:
             spurious = cfg["test_spurious"]
@@ -153,10 +166,10 @@ class ChestXray14DataModule(L.LightningDataModule):
         )
 
     def prepare_data(self) -> None:
-        # NIH: decode + resize once into the memmap cache (rank 0 only under DDP).
+        # NIH: decode + resize once into the memmap cache (rank 0 only under DDP;
+        # the other ranks read the finished cache in setup).
         if self.source == "nih":
-            for split in SPLITS:
-                self._build(split)
+            self._nih_splits()
 
     def setup(self, stage: str | None = None) -> None:
         wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
@@ -165,7 +178,52 @@ class ChestXray14DataModule(L.LightningDataModule):
                 self.dataset(split)
                 log.info("%s split of %s: %d images", split, self.source, len(self.datasets[split]))
                 if len(self.datasets[split]) == 0:
-                    raise DataError(f"the {split} split of data.source={self.source!r} is empty (data.root={self.root})")
+                    raise DataError(
+                        f"the {split} split of data.source={self.source!r} is empty (data.root={self.root}){self._why_empty(split)}"
+                    )
+
+    def _why_empty(self, split: str) -> str:
+        if self.source != "nih":
+            return ""
+        r = self.data_report()
+        why = (
+            f": {r['images_listed']} images listed in {r['metadata_file']}, {r['images_found']} found in "
+            f"{', '.join(r['image_folders'])}, {r['images_used']} used ({r['split']})"
+        )
+        if split in r["boxes_only"]:
+            why += "; data.test_boxes_only=true keeps only images with a box in BBox_List_2017.csv, set it false to test on all"
+        return why + ". With a partial download, unpack more images_0NN tarballs"
+
+    def data_report(self) -> dict[str, Any]:
+        """What the splits hold and what was skipped, as plain JSON-ready data (results.json ``run.data``).
+
+        Always ``source`` and ``splits`` ({split: {"images": n served, ...}},
+        test after ``test_subset``, with ``images_before_subset`` where the
+        subset cut it). NIH adds ``images_listed`` / ``images_found`` /
+        ``images_readable`` / ``images_used`` / ``images_skipped``, ``skipped``
+        ({reason: count}), ``skipped_examples`` ({reason: first file names}),
+        ``image_folders``, ``metadata_file``, ``split``, ``boxes_only``,
+        ``on_error`` and ``root``; per split also ``patients`` and
+        ``with_boxes``. SyntheticCXR reports the generated images (nothing is
+        generated to report them).
+        """
+        if self.source == "nih":
+            report = copy.deepcopy(self._nih_splits().report)
+        elif self.source == "synthetic":
+            report = {"source": "synthetic", "splits": {s: {"images": int(n)} for s, n in self._synthetic_sizes().items()}}
+        else:
+            report = {"source": self.source, "root": str(self.root), "splits": {s: {"images": len(self.dataset(s))} for s in SPLITS}}
+        test = report["splits"]["test"]
+        if self.test_subset is not None and self.test_subset < test["images"]:
+            test["images_before_subset"] = test["images"]
+            test["images"] = self.test_subset
+            if self.source == "nih":
+                served = self.dataset("test")
+                ids = [served.dataset.patient_ids[i] for i in served.indices]
+                boxes = served.dataset.boxes[list(served.indices)]
+                test["patients"] = len(set(ids))
+                test["with_boxes"] = int((~np.isnan(boxes).all(axis=(1, 2))).sum())
+        return report
 
     def dataset(self, split: str) -> Dataset:
         """The (unaugmented) data set of ``split``, built on first use."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -46,3 +47,10 @@ class ProblemLog:
     def log_summary(self) -> None:
         if self.count:
             log.warning("skipped %d problem file(s): %s", self.count, self.summary())
+
+    def as_dict(self, examples: int = 5) -> dict[str, dict[str, Any]]:
+        """JSON-ready counts: ``{"skipped": {kind: n}, "skipped_examples": {kind: [first items]}}``."""
+        return {
+            "skipped": {kind: len(items) for kind, items in self.problems.items()},
+            "skipped_examples": {kind: list(items[:examples]) for kind, items in self.problems.items()},
+        }

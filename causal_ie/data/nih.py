@@ -6,7 +6,14 @@ Reads the folder exactly as the NIH download unpacks (see DESIGN.md section 2):
 images under ``images/`` or the tarballs' ``images_001/images/`` ...
 Problems with the data (unknown labels, missing or unreadable images, ...) go
 through a :class:`ProblemLog`: a clear DataError by default, counted and
-skipped with ``on_error="skip"``.
+skipped with ``on_error="skip"``. :func:`load_splits` reads the folder once for
+all three splits, so a partial download (only some tarballs unpacked) is split
+over the images that are there and its problems are counted and logged once.
+
+The boxes of ``BBox_List_2017.csv`` are in pixels of the distributed PNG
+(1024 x 1024). ``OriginalImage[Width,Height]`` of the metadata is the scan's
+size before NIH resized it (about 2,500-3,000 px), so it is not used: boxes
+are scaled by each PNG's own size, recorded when the image cache is built.
 """
 
 from __future__ import annotations
@@ -18,7 +25,8 @@ import logging
 import math
 import mmap
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +45,7 @@ METADATA_NAMES = ("Data_Entry_2017_v2020.csv", "Data_Entry_2017.csv")
 BBOX_NAME = "BBox_List_2017.csv"
 TRAIN_VAL_LIST, TEST_LIST = "train_val_list.txt", "test_list.txt"
 NO_FINDING = "No Finding"
-DEFAULT_ORIGINAL_SIZE = 1024  # the NIH images are 1024 x 1024
+PNG_SIZE = 1024  # the distributed NIH PNGs are 1024 x 1024
 SPLITS = ("train", "val", "test")
 
 _EXPECTED_CONTENT = (
@@ -81,7 +89,7 @@ def read_metadata(root: str | Path, on_error: str = "raise", *, problems: Proble
     """
     own_log = problems is None
     problems = problems if problems is not None else ProblemLog(on_error)
-    entries = _load_entries(_check_root(root), problems)
+    entries, _, _ = _load_entries(_check_root(root), problems)
     if own_log:
         problems.log_summary()
     return entries[["image", "patient_id", "view", *FINDINGS]]
@@ -94,8 +102,9 @@ def _read_csv(path: Path, what: str, **kwargs: Any) -> pd.DataFrame:
         raise DataError(f"cannot read the {what} {path}: {exc}") from None
 
 
-def _load_entries(root: Path, problems: ProblemLog) -> pd.DataFrame:
-    """The metadata as :func:`read_metadata` plus ``width`` / ``height`` of the original images."""
+def _load_entries(root: Path, problems: ProblemLog) -> tuple[pd.DataFrame, Path, list[str]]:
+    """The metadata as :func:`read_metadata` (good rows only), the file read and the image
+    name of every data row (dropped rows too, so they are not reported a second time)."""
     path = _find_file(root, METADATA_NAMES)
     if path is None:
         raise DataError(f"no NIH metadata file in {root}: looked for {_looked_for(METADATA_NAMES)}")
@@ -152,27 +161,10 @@ def _load_entries(root: Path, problems: ProblemLog) -> pd.DataFrame:
             "view": raw["View Position"].str.strip(),
         }
     )
+    # OriginalImage[Width,Height] is the scan before NIH resized it to the PNG: not the
+    # frame of the boxes, so it is not read (the PNG's own size is, when it is decoded).
     out = pd.concat([out, counts.clip(upper=1)], axis=1)
-    out["width"], out["height"] = _original_sizes(raw)
-    return out.loc[~bad].reset_index(drop=True)
-
-
-def _original_sizes(raw: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
-    """Width and height columns when the file has them, else the NIH 1024.
-
-    The header cell ``OriginalImage[Width,Height]`` is split by the CSV comma
-    into ``OriginalImage[Width`` and ``Height]``; match loosely on the words.
-    """
-    sizes = []
-    for word in ("width", "height"):
-        column = next((c for c in raw.columns if word in c.lower()), None)
-        if column is None:
-            values = np.full(len(raw), DEFAULT_ORIGINAL_SIZE, dtype=np.float64)
-        else:
-            values = pd.to_numeric(raw[column], errors="coerce").to_numpy(dtype=np.float64)
-            values = np.where(np.isfinite(values) & (values > 0), values, DEFAULT_ORIGINAL_SIZE)
-        sizes.append(values.astype(np.int64))
-    return sizes[0], sizes[1]
+    return out.loc[~bad].reset_index(drop=True), path, images.tolist()
 
 
 # -- boxes -------------------------------------------------------------------
@@ -180,10 +172,10 @@ def read_bboxes(root: str | Path) -> pd.DataFrame:
     """The radiologist boxes of ``BBox_List_2017.csv``: one row per box.
 
     Columns ``image``, ``finding`` (a FINDINGS name; ``Infiltrate`` becomes
-    ``Infiltration``), ``x``, ``y``, ``w``, ``h`` (float, pixels of the
-    original image). The file's header ``Image Index,Finding Label,Bbox
-    [x,y,w,h],,,`` does not name the coordinate columns, so fields 3 to 6 are
-    read by position. Raises DataError naming the file and line for an
+    ``Infiltration``), ``x``, ``y``, ``w``, ``h`` (float, pixels of the PNG as
+    distributed, 1024 x 1024; not of ``OriginalImage[Width,Height]``). The
+    file's header ``Image Index,Finding Label,Bbox [x,y,w,h],,,`` does not
+    name the coordinate columns, so fields 3 to 6 are read by position. Raises DataError naming the file and line for an
     unknown finding or a value that is not a positive-size box.
     """
     root = _check_root(root)
@@ -221,8 +213,36 @@ def read_bboxes(root: str | Path) -> pd.DataFrame:
     return df.astype({c: np.float64 for c in "xywh"})
 
 
+BOX_SLACK = 1.0  # px a box may reach past the PNG's edge (the real file's boxes all end inside 1024)
+
+
+def _boxes_inside(boxes: pd.DataFrame, sizes: dict[str, np.ndarray], problems: ProblemLog) -> pd.DataFrame:
+    """The boxes of images in ``sizes`` that lie inside their PNG ((width, height)); others reported.
+
+    A box past the edge means the PNG is not in the frame of the box file (e.g.
+    images resized by hand): scaling it by the PNG size would misplace it.
+    """
+    sub = boxes[boxes["image"].isin(sizes)]
+    if sub.empty:
+        return sub
+    wh = np.stack([sizes[n] for n in sub["image"]]).astype(np.float64)
+    outside = (
+        (sub[["x", "y"]].to_numpy() < -BOX_SLACK).any(axis=1)
+        | (sub["x"].to_numpy() + sub["w"].to_numpy() > wh[:, 0] + BOX_SLACK)
+        | (sub["y"].to_numpy() + sub["h"].to_numpy() > wh[:, 1] + BOX_SLACK)
+    )
+    for (_, r), (w, h) in zip(sub[outside].iterrows(), wh[outside], strict=True):
+        problems.report(
+            "box outside its image",
+            f"{BBOX_NAME} {r.image} {r.finding}",
+            f"box x={r.x:g}, y={r.y:g}, w={r.w:g}, h={r.h:g} ends past the {int(w)}x{int(h)} PNG; the boxes are in "
+            f"pixels of the distributed {PNG_SIZE} px PNGs, so the images must not be resized",
+        )
+    return sub[~outside]
+
+
 def _box_array(boxes: pd.DataFrame | None, names: Sequence[str]) -> np.ndarray:
-    """[N, 14, 4] boxes (x, y, w, h, original pixels) of ``names``; NaN where a finding has none.
+    """[N, 14, 4] boxes (x, y, w, h, PNG pixels) of ``names``; NaN where a finding has none.
 
     Where the file has several boxes of one finding on one image, the row is
     their enclosing box, so every annotated lesion lies inside it.
@@ -305,6 +325,8 @@ def make_splits(
     seed: int = 0,
     *,
     problems: ProblemLog | None = None,
+    available: Collection[str] | None = None,
+    listed: Collection[str] | None = None,
 ) -> dict[str, list[str]]:
     """Image names of the train / val / test splits.
 
@@ -313,6 +335,11 @@ def make_splits(
     (``test_fraction`` is then unused). Without them the whole metadata is
     split patient-wise into 1 - val - test, val and test fractions. Images in
     a split file but not in the metadata are reported to ``problems``.
+    ``available`` (default: every metadata image) restricts the splits to the
+    images that can be served, before validation is drawn, so a partial
+    download still gets about ``val_fraction`` of its own images for validation.
+    ``listed`` (default: the images of ``metadata``) are the names the metadata
+    file lists, rows dropped for a problem included: those are not reported again.
     """
     if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
         raise ValueError(
@@ -321,22 +348,26 @@ def make_splits(
     root = _check_root(root)
     problems = problems if problems is not None else ProblemLog("raise")
     official = read_official_split(root)
+    usable = metadata if available is None else metadata[metadata["image"].isin(set(available))]
     if official is None:
-        return patient_split(metadata, {"train": 1 - val_fraction - test_fraction, "val": val_fraction, "test": test_fraction}, seed)
-    known = set(metadata["image"])
+        return patient_split(usable, {"train": 1 - val_fraction - test_fraction, "val": val_fraction, "test": test_fraction}, seed)
+    known = set(metadata["image"]) if listed is None else set(listed) | set(metadata["image"])
+    servable = set(usable["image"])
     kept = []
     for names, file in zip(official, (TRAIN_VAL_LIST, TEST_LIST), strict=True):
         for name in names:
             if name not in known:
                 problems.report("image in split file but not in metadata", name, f"listed in {root / file}")
-        kept.append([n for n in names if n in known])
-    train_val = metadata[metadata["image"].isin(set(kept[0]))]
+        kept.append([n for n in names if n in servable])
+    train_val = usable[usable["image"].isin(set(kept[0]))]
     sub = patient_split(train_val, {"train": 1 - val_fraction, "val": val_fraction}, seed)
     return {"train": sub["train"], "val": sub["val"], "test": kept[1]}
 
 
 # -- image files -------------------------------------------------------------
-def _image_dirs(root: Path) -> list[Path]:
+def image_dirs(root: str | Path) -> list[Path]:
+    """The image folders of an NIH root: ``images/`` and the tarballs' ``images_0NN/images/``, those present."""
+    root = Path(root).expanduser()
     dirs = [root / "images"] + sorted(p / "images" for p in root.glob("images_*") if p.is_dir())
     return [d for d in dirs if d.is_dir()]
 
@@ -346,23 +377,31 @@ def find_images(root: str | Path, names: Iterable[str], problems: ProblemLog) ->
 
     Each folder is listed once (no per-file stat). Names not found are
     reported to ``problems`` as "missing image" and left out of the result.
+    When none of ``names`` is found, a DataError names the folders searched,
+    whatever ``on_error`` says: there is nothing to skip to.
     """
     root = _check_root(root)
-    dirs = _image_dirs(root)
+    names = list(names)
+    dirs = image_dirs(root)
+    expected = f"{root / 'images'}/*.png or {root / 'images_001' / 'images'}/*.png ... (the NIH tarballs unpacked in {root})"
     if not dirs:
-        raise DataError(f"no image folder in {root}: expected images/*.png or images_001/images/*.png ... (the NIH tarballs unpacked)")
+        raise DataError(f"no image folder in {root}: expected {expected}")
     index: dict[str, Path] = {}
     for d in dirs:
         with os.scandir(d) as entries:
             for entry in entries:
                 index.setdefault(entry.name, Path(entry.path))  # the first folder wins on duplicates
-    found: dict[str, Path] = {}
-    for name in names:
-        path = index.get(name)
-        if path is None:
-            problems.report("missing image", name, f"not in {' or '.join(str(d) for d in dirs)}")
-        else:
-            found[name] = path
+    found = {name: index[name] for name in names if name in index}
+    searched = ", ".join(str(d) for d in dirs)
+    if names and not found:
+        pngs = sum(n.lower().endswith(".png") for n in index)
+        raise DataError(
+            f"none of the {len(names)} listed images (e.g. {names[0]}) is in the image folder(s) searched: {searched} "
+            f"({pngs} PNG file(s) there with other names); expected {expected}"
+        )
+    missing = [name for name in names if name not in found]
+    for name in missing:
+        problems.report("missing image", name, f"not in {searched}; {len(missing)} of the {len(names)} listed images are missing")
     return found
 
 
@@ -384,10 +423,11 @@ class NIHDataset(Dataset):
         labels: [N, 14] 0/1 in FINDINGS order.
         ids: N image file names.
         patient_ids: N patient ids.
-        boxes: [N, 14, 4] (x, y, w, h) in pixels of the ORIGINAL image, NaN
-            where a finding has no box; None for no boxes.
-        original_sizes: [N, 2] (width, height) of the original images, used
-            to scale the boxes to S; default 1024 x 1024.
+        boxes: [N, 14, 4] (x, y, w, h) in pixels of the image FILE (the
+            1024 px PNG for NIH), NaN where a finding has no box; None for no boxes.
+        file_sizes: [N, 2] (width, height) of the image files the boxes'
+            pixels refer to, used to scale the boxes to S; default 1024 x 1024.
+            Not the metadata's OriginalImage size (the scan before resizing).
         rows: [N] row of ``images`` holding item i (so skipped files need no
             copy of the cache); default 0..N-1.
 
@@ -403,7 +443,7 @@ class NIHDataset(Dataset):
         ids: Sequence[str],
         patient_ids: Sequence[str],
         boxes: np.ndarray | None = None,
-        original_sizes: np.ndarray | None = None,
+        file_sizes: np.ndarray | None = None,
         rows: np.ndarray | None = None,
     ):
         n = len(ids)
@@ -426,13 +466,14 @@ class NIHDataset(Dataset):
         boxes = np.asarray(boxes, dtype=np.float32)
         if boxes.shape != (n, NUM_FINDINGS, 4):
             raise ValueError(f"NIHDataset: boxes must be [{n}, {NUM_FINDINGS}, 4], got {boxes.shape}")
-        if original_sizes is None:
-            original_sizes = np.full((n, 2), DEFAULT_ORIGINAL_SIZE)
-        original_sizes = np.asarray(original_sizes, dtype=np.float32)
-        if original_sizes.shape != (n, 2) or (original_sizes <= 0).any():
-            raise ValueError(f"NIHDataset: original_sizes must be [{n}, 2] positive (width, height), got {original_sizes.shape}")
+        if file_sizes is None:
+            file_sizes = np.full((n, 2), PNG_SIZE)
+        file_sizes = np.asarray(file_sizes, dtype=np.float64)
+        if file_sizes.shape != (n, 2) or (file_sizes <= 0).any():
+            raise ValueError(f"NIHDataset: file_sizes must be [{n}, 2] positive (width, height), got {file_sizes.shape}")
+        self.file_sizes = file_sizes.astype(np.int64)
         # Boxes in pixels of the S x S image: x and w scale with width, y and h with height.
-        scale = self.image_size / original_sizes  # [N, 2]
+        scale = (self.image_size / file_sizes).astype(np.float32)  # [N, 2]
         self.boxes = boxes * np.concatenate([scale, scale], axis=1)[:, None, :]
 
     def __len__(self) -> int:
@@ -478,44 +519,137 @@ class NIHDataset(Dataset):
         on_error: str = "raise",
         boxes_only: bool = False,
     ) -> NIHDataset:
-        """The ``split`` of the NIH folder ``root`` at ``image_size`` pixels.
+        """The ``split`` of the NIH folder ``root`` at ``image_size`` pixels (see :func:`load_splits`).
 
-        Reads the metadata, makes the splits (official lists when present),
-        finds the image files, decodes them once into the cache under
-        ``cache_dir`` (default: :func:`default_cache_dir`) and attaches the
-        boxes. ``boxes_only`` keeps only images with at least one radiologist
-        box (the localisation test set). Problems raise DataError, or with
-        ``on_error="skip"`` are left out and summarised in the log.
+        ``boxes_only`` keeps only images with at least one radiologist box.
         """
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-        if int(image_size) < 1:
-            raise ValueError(f"data.image_size must be >= 1, got {image_size}")
-        root = _check_root(root)
-        problems = ProblemLog(on_error)
-        entries = _load_entries(root, problems)
-        names = make_splits(root, entries, val_fraction, test_fraction, seed, problems=problems)[split]
-        # Boxes are optional for training, required for the localisation set.
-        boxes = read_bboxes(root) if boxes_only or _find_file(root, [BBOX_NAME]) else None
-        if boxes_only:
-            with_box = set(boxes["image"])
-            names = [n for n in names if n in with_box]
-        paths = find_images(root, names, problems)
-        names = [n for n in names if n in paths]
-        images, valid = build_cache(
-            [paths[n] for n in names], int(image_size), Path(cache_dir) if cache_dir else default_cache_dir(root), problems
+        data = load_splits(
+            root, image_size, cache_dir, val_fraction, test_fraction, seed, on_error, boxes_only=(split,) if boxes_only else ()
         )
-        rows = np.flatnonzero(valid)
-        kept = [names[r] for r in rows]
-        sel = entries.set_index("image").loc[kept] if kept else entries.iloc[:0].set_index("image")
-        problems.log_summary()
-        log.info("NIH %s split: %d images of %d patients", split, len(kept), sel["patient_id"].nunique())
-        return cls(
-            images,
+        return data.datasets[split]
+
+
+@dataclass
+class NIHSplits:
+    """The three splits of one NIH folder and the report of what was read and skipped."""
+
+    datasets: dict[str, NIHDataset]
+    report: dict[str, Any] = field(default_factory=dict)
+
+
+def load_splits(
+    root: str | Path,
+    image_size: int,
+    cache_dir: str | Path | None = None,
+    val_fraction: float = 0.1,
+    test_fraction: float = 0.2,
+    seed: int = 0,
+    on_error: str = "raise",
+    *,
+    boxes_only: Collection[str] = (),
+) -> NIHSplits:
+    """Train, val and test of the NIH folder ``root`` at ``image_size`` pixels, read once.
+
+    Reads the metadata, finds the listed image files, decodes the ones found
+    once into the cache under ``cache_dir`` (default :func:`default_cache_dir`),
+    splits the images that could be read (official lists when present, else
+    patient-wise by ``seed``; validation is drawn from them patient-wise) and
+    attaches the boxes, scaled by each PNG's own size. Splits named in
+    ``boxes_only`` keep only images with a radiologist box (the localisation
+    test set). Problems raise DataError, or with ``on_error="skip"`` are left
+    out, logged once as a summary and counted in ``report`` (see
+    :func:`_report`). No image found at all is an error either way.
+    """
+    unknown = set(boxes_only) - set(SPLITS)
+    if unknown:
+        raise ValueError(f"boxes_only names unknown split(s) {sorted(unknown)}; splits are {SPLITS}")
+    if int(image_size) < 1:
+        raise ValueError(f"data.image_size must be >= 1, got {image_size}")
+    root = _check_root(root)
+    problems = ProblemLog(on_error)
+    entries, metadata_file, listed = _load_entries(root, problems)
+    # Boxes are optional for training, required for the localisation set.
+    boxes = read_bboxes(root) if boxes_only or _find_file(root, [BBOX_NAME]) else None
+    paths = find_images(root, entries["image"], problems)
+    names = [n for n in entries["image"] if n in paths]
+    cache = build_cache(
+        [paths[n] for n in names], int(image_size), Path(cache_dir) if cache_dir else default_cache_dir(root), problems
+    )
+    row_of = {n: i for i, n in enumerate(names) if cache.valid[i]}
+    if not row_of:
+        raise DataError(f"none of the {len(names)} image file(s) found under {root} could be decoded: {problems.summary()}")
+    if boxes is not None:
+        boxes = _boxes_inside(boxes, {n: cache.sizes[i] for n, i in row_of.items()}, problems)
+    splits = make_splits(root, entries, val_fraction, test_fraction, seed, problems=problems, available=row_of, listed=listed)
+    with_box = set() if boxes is None else set(boxes["image"])
+    by_image = entries.set_index("image")
+    datasets = {}
+    for split in SPLITS:
+        kept = [n for n in splits[split] if n in with_box] if split in boxes_only else splits[split]
+        rows = np.array([row_of[n] for n in kept], dtype=np.int64)
+        sel = by_image.loc[kept]
+        datasets[split] = NIHDataset(
+            cache.images,
             labels=sel[list(FINDINGS)].to_numpy(np.float32),
             ids=kept,
             patient_ids=sel["patient_id"].tolist(),
             boxes=_box_array(boxes, kept),
-            original_sizes=sel[["width", "height"]].to_numpy(np.float32),
+            file_sizes=cache.sizes[rows],
             rows=rows,
         )
+    problems.log_summary()
+    report = _report(root, metadata_file, len(listed), len(paths), len(row_of), problems, datasets, on_error, boxes_only)
+    for split, ds in datasets.items():
+        log.info("NIH %s split: %d images of %d patients", split, len(ds), len(set(ds.patient_ids)))
+    return NIHSplits(datasets, report)
+
+
+def _report(
+    root: Path,
+    metadata_file: Path,
+    listed: int,
+    found: int,
+    readable: int,
+    problems: ProblemLog,
+    datasets: dict[str, NIHDataset],
+    on_error: str,
+    boxes_only: Collection[str],
+) -> dict[str, Any]:
+    """What :func:`load_splits` read, served and skipped, JSON-ready (ints, strs, lists of strs).
+
+    ``images_listed``: data rows of the metadata file; ``images_found``: listed
+    images (with a valid row) whose file is in an image folder;
+    ``images_readable``: those decoded; ``images_used``: those in a split;
+    ``images_skipped``: rows left out for a problem (listed - readable);
+    ``skipped`` / ``skipped_examples``: problems by kind (``missing image``,
+    ``unreadable image``, ``unknown label``, ``duplicate image row``, ``box
+    outside its image``, ...) with the first few items; ``splits``: images,
+    patients and box images per split.
+    """
+    official = (root / TRAIN_VAL_LIST).is_file()
+    used = sum(len(ds) for ds in datasets.values())
+    return {
+        "source": "nih",
+        "root": str(root),
+        "metadata_file": metadata_file.name,
+        "image_folders": [str(d.relative_to(root)) for d in image_dirs(root)],
+        "on_error": on_error,
+        "split": "official lists" if official else "patient-wise by seed",
+        "boxes_only": sorted(boxes_only),
+        "images_listed": int(listed),
+        "images_found": int(found),
+        "images_readable": int(readable),
+        "images_used": int(used),
+        "images_skipped": int(listed - readable),
+        **problems.as_dict(),
+        "splits": {
+            split: {
+                "images": len(ds),
+                "patients": len(set(ds.patient_ids)),
+                "with_boxes": int((~np.isnan(ds.boxes).all(axis=(1, 2))).sum()) if len(ds) else 0,
+            }
+            for split, ds in datasets.items()
+        },
+    }
