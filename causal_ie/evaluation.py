@@ -88,7 +88,8 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     check_compatible(classifier, datamodule, ckpt)
     explainers = build_explainers(cfg)
     autoencoders = fit_autoencoders(explainers, classifier, datamodule, ckpt, cfg.paths.cache_dir, cfg.data)
-    module = CEEvaluation(classifier, explainers, attack=build_attack_evaluation(cfg, classifier, explainers), **cfg.evaluation)
+    settings = instantiate(cfg.evaluation, _convert_="all")  # builds evaluation.deletion (an InterventionSpec)
+    module = CEEvaluation(classifier, explainers, attack=build_attack_evaluation(cfg, classifier, explainers), **settings)
     sections = [LocalisationReport(), AttackReport()]
     figures = CEMapLogger(out_dir, sections)
     loggers = instantiate_dict(cfg.get("logger"))

@@ -47,7 +47,7 @@ TINY_TRAIN = [
 TINY_EVAL = [
     *TINY_DATA,
     "data.test_subset=12",
-    "latent.batch_size=16",
+    "latent.intervention.batch_size=16",
     "cams=[gradcam]",
     "evaluation.deletion_steps=4",
     "+trainer.enable_progress_bar=false",

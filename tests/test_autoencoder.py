@@ -218,8 +218,8 @@ def test_evaluate_with_the_autoencoder_space(tmp_path, checkpoint):
     assert 0.0 <= saved["localisation"]["ce_latent"]["pointing_game"] <= 1.0
     assert len(list((cache / "autoencoders").glob("*.pt"))) == 1
     # the run says what the latent CE intervened through and how well it fits
-    run = saved["run"]
-    assert run["ce_latent.space"] == "autoencoder" and run["ce_latent.reconstruction_l1"] < run["ce_latent.activation_l1"]
+    fit = saved["run"]["ce_latent"]
+    assert fit["space"] == "autoencoder" and fit["reconstruction_l1"] < fit["activation_l1"]
     # other training images (another data seed) are another autoencoder
     cfg = eval_cfg(
         tmp_path, checkpoint, "cams=[]", "evaluation.faithfulness=false", "data.test_subset=4", "seed=7",

@@ -9,7 +9,7 @@ from hydra.utils import instantiate
 from torch import nn
 
 from causal_ie.explain.explainers import Explainer, LatentCE, PatchCE, SuperpixelCE
-from causal_ie.interventions import causal_effect
+from causal_ie.interventions import InterventionSpec, causal_effect
 from causal_ie.models import Classifier
 from conftest import compose_config
 
@@ -41,7 +41,7 @@ PAIRS = (torch.tensor([2, 0, 2, 2]), torch.tensor([5, 1, 0, 13]))
     "explainer,kind",
     [
         (PatchCE(size=4, stride=2), "patch"),
-        (PatchCE(size=1, stride=1, batch_size=128), "pixel"),
+        (PatchCE(size=1, stride=1, intervention=InterventionSpec(batch_size=128)), "pixel"),
         (SuperpixelCE(n_segments=6), "superpixel"),
         (LatentCE(), "latent"),
     ],
@@ -72,14 +72,14 @@ def test_each_distinct_image_is_explained_once(classifier, monkeypatch):
 def test_patch_explainer_is_causal_effect(classifier):
     x = images(2)
     options = dict(baseline="constant", baseline_value=0.3, outcome="logit")
-    explainer = PatchCE(size=4, stride=2, **options)
+    explainer = PatchCE(size=4, stride=2, intervention=InterventionSpec(**options))
     expected = causal_effect(classifier, x, window=4, stride=2, **options)
     torch.testing.assert_close(explainer.all_findings(classifier, x), expected)
 
 
 def test_single_channel_outcome_gives_the_same_map_to_every_pair(classifier):
     x = images()
-    explainer = PatchCE(size=4, stride=4, outcome="ece")
+    explainer = PatchCE(size=4, stride=4, intervention=InterventionSpec(outcome="ece"))
     every = explainer.all_findings(classifier, x)
     assert every.shape == (3, 1, 16, 16)
     maps = explainer(classifier, x, *PAIRS)
@@ -87,7 +87,7 @@ def test_single_channel_outcome_gives_the_same_map_to_every_pair(classifier):
 
 
 def test_noise_baseline_is_reproducible_with_a_seed(classifier):
-    explainer = PatchCE(size=4, stride=4, baseline="noise", noise_samples=2, seed=3)
+    explainer = PatchCE(size=4, stride=4, intervention=InterventionSpec(baseline="noise", noise_samples=2, seed=3))
     x = images(1)
     assert torch.equal(explainer.all_findings(classifier, x), explainer.all_findings(classifier, x))
 

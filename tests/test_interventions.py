@@ -162,8 +162,7 @@ def test_noise_baseline_is_the_mean_of_single_sample_runs():
     samples = 3
 
     def noise_run():
-        generator = torch.Generator().manual_seed(7)
-        return causal_effect(model, x, window=4, stride=2, baseline="noise", noise_samples=samples, generator=generator)
+        return causal_effect(model, x, window=4, stride=2, baseline="noise", noise_samples=samples, seed=7)
 
     maps = noise_run()
     noise = torch.rand((samples, *x.shape), generator=torch.Generator().manual_seed(7))

@@ -8,17 +8,18 @@ from torch import nn
 from torchmetrics.utilities.data import dim_zero_sum
 
 from causal_ie.explain.metrics import (
+    DEFAULT_THRESHOLDS,
     BoxLocalisation,
     DeletionInsertion,
     EnergyPointingGame,
     PointingGame,
-    blur_baseline,
-    blur_kernel_size,
     box_masks,
     localisation_metrics,
 )
+from causal_ie.interventions import InterventionSpec
+from causal_ie.interventions.baselines import blur, blur_kernel_size
 
-THRESHOLDS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
+THRESHOLDS = DEFAULT_THRESHOLDS
 
 
 def boxes(*xywh) -> torch.Tensor:
@@ -291,13 +292,13 @@ STAIRS = torch.tensor([[[[0.4, 0.3], [0.2, 0.1]]]])  # [1, 1, 2, 2]
 def test_deletion_insertion_by_hand():
     # map = image: the brightest pixel goes first. Means after 0..4 deletions:
     # .25, .15, .075, .025, 0 -> trapezoid (h=.25) = .09375; insertion: 0, .1, .175, .225, .25 -> .15625
-    metric = DeletionInsertion(MeanProbability(), n_steps=4, baseline="zero")
+    metric = DeletionInsertion(MeanProbability(), n_steps=4, intervention=InterventionSpec(baseline="zero"))
     metric.update(STAIRS, STAIRS[:, 0], torch.tensor([0]))
     out = metric.compute()
     assert out["deletion_auc"].item() == pytest.approx(0.09375, abs=1e-6)
     assert out["insertion_auc"].item() == pytest.approx(0.15625, abs=1e-6)
     # the same pair scored for finding 1 (P = 1 - mean)
-    metric = DeletionInsertion(MeanProbability(), n_steps=4, baseline="zero")
+    metric = DeletionInsertion(MeanProbability(), n_steps=4, intervention=InterventionSpec(baseline="zero"))
     metric.update(STAIRS, STAIRS[:, 0], torch.tensor([1]))
     out = metric.compute()
     assert out["deletion_auc"].item() == pytest.approx(1 - 0.09375, abs=1e-6)
@@ -306,20 +307,20 @@ def test_deletion_insertion_by_hand():
 
 def test_deletion_ties_keep_raster_order():
     image = torch.tensor([[[[0.1, 0.2], [0.3, 0.4]]]])
-    metric = DeletionInsertion(MeanProbability(), n_steps=4, baseline="zero")
+    metric = DeletionInsertion(MeanProbability(), n_steps=4, intervention=InterventionSpec(baseline="zero"))
     metric.update(image, torch.zeros(1, 2, 2), torch.tensor([0]))
     # deletes 0.1, 0.2, 0.3, 0.4 in turn: means .25, .225, .175, .1, 0 -> .15625
     assert metric.compute()["deletion_auc"].item() == pytest.approx(0.15625, abs=1e-6)
 
 
 def test_constant_baseline_and_step_rounding():
-    metric = DeletionInsertion(MeanProbability(), n_steps=4, baseline=0.5)
+    metric = DeletionInsertion(MeanProbability(), n_steps=4, intervention=InterventionSpec(baseline=0.5))
     metric.update(torch.zeros(1, 1, 2, 2), torch.rand(1, 2, 2), torch.tensor([0]))
     out = metric.compute()  # linear 0 -> .5 and back: area .25 either way
     assert out["deletion_auc"].item() == pytest.approx(0.25, abs=1e-6)
     assert out["insertion_auc"].item() == pytest.approx(0.25, abs=1e-6)
     assert DeletionInsertion(MeanProbability(), n_steps=3).pixel_counts(4) == [0, 1, 3, 4]
-    fractions, _, _ = DeletionInsertion(MeanProbability(), n_steps=3, baseline="zero").curves(
+    fractions, _, _ = DeletionInsertion(MeanProbability(), n_steps=3, intervention=InterventionSpec(baseline="zero")).curves(
         torch.rand(1, 1, 2, 2), torch.rand(1, 2, 2), torch.tensor([0])
     )
     assert fractions.tolist() == [0, 0.25, 0.75, 1]
@@ -328,8 +329,8 @@ def test_constant_baseline_and_step_rounding():
 def test_blur_baseline_keeps_a_constant_image():
     assert blur_kernel_size(32) == 9 and blur_kernel_size(6) == 3
     image = torch.full((2, 1, 8, 8), 0.7)
-    torch.testing.assert_close(blur_baseline(image), image)
-    metric = DeletionInsertion(MeanProbability(), n_steps=4, baseline="blur")
+    torch.testing.assert_close(blur(image), image)
+    metric = DeletionInsertion(MeanProbability(), n_steps=4, intervention=InterventionSpec(baseline="blur"))
     metric.update(image, torch.rand(2, 8, 8), torch.tensor([0, 0]))
     out = metric.compute()
     assert out["deletion_auc"].item() == pytest.approx(0.7, abs=1e-5)
@@ -341,17 +342,17 @@ def test_batches_are_bounded_and_batched_update_equals_single():
     images = torch.rand(3, 1, 6, 6)
     maps = torch.rand(3, 6, 6)
     findings = torch.tensor([0, 1, 0])
-    batched = DeletionInsertion(model, n_steps=4, baseline="blur", batch_size=4)
+    batched = DeletionInsertion(model, n_steps=4, intervention=InterventionSpec(baseline="blur", batch_size=4))
     batched.update(images, maps, findings)
     assert max(model.batch_sizes) <= 4
-    assert sum(model.batch_sizes) == 2 * 3 * 5  # deletion + insertion, 3 pairs, 5 steps
-    single = DeletionInsertion(MeanProbability(), n_steps=4, baseline="blur", batch_size=128)
+    assert sum(model.batch_sizes) == 3 + 2 * 3 * 5  # the 3 images, then deletion + insertion, 5 steps each
+    single = DeletionInsertion(MeanProbability(), n_steps=4, intervention=InterventionSpec(baseline="blur", batch_size=128))
     for p in range(3):
         single.update(images[p : p + 1], maps[p : p + 1], findings[p : p + 1])
     assert flat(batched.compute()) == pytest.approx(flat(single.compute()))
-    shard = DeletionInsertion(MeanProbability(), n_steps=4, baseline="blur")
+    shard = DeletionInsertion(MeanProbability(), n_steps=4, intervention=InterventionSpec(baseline="blur"))
     shard.update(images[:1], maps[:1], findings[:1])
-    rest = DeletionInsertion(MeanProbability(), n_steps=4, baseline="blur")
+    rest = DeletionInsertion(MeanProbability(), n_steps=4, intervention=InterventionSpec(baseline="blur"))
     rest.update(images[1:], maps[1:], findings[1:])
     shard.merge_state(rest)
     assert flat(shard.compute()) == pytest.approx(flat(single.compute()))
@@ -374,7 +375,7 @@ def test_classifier_is_not_a_submodule():
 
 def test_faithful_map_beats_reversed_map():
     image = torch.rand(1, 1, 8, 8)
-    good, bad = (DeletionInsertion(MeanProbability(), n_steps=8, baseline="zero") for _ in range(2))
+    good, bad = (DeletionInsertion(MeanProbability(), n_steps=8, intervention=InterventionSpec(baseline="zero")) for _ in range(2))
     good.update(image, image[:, 0], torch.tensor([0]))
     bad.update(image, -image[:, 0], torch.tensor([0]))
     assert good.compute()["deletion_auc"] < bad.compute()["deletion_auc"]
@@ -383,7 +384,9 @@ def test_faithful_map_beats_reversed_map():
 
 def test_bad_arguments():
     with pytest.raises(ValueError, match="baseline"):
-        DeletionInsertion(MeanProbability(), baseline="mean-ish")
+        DeletionInsertion(MeanProbability(), intervention=InterventionSpec(baseline="mean-ish"))
+    with pytest.raises(ValueError, match="outcome='prob'"):
+        DeletionInsertion(MeanProbability(), intervention=InterventionSpec(outcome="logit"))
     with pytest.raises(ValueError, match="n_steps"):
         DeletionInsertion(MeanProbability(), n_steps=0)
     with pytest.raises(ValueError, match="maps must be"):

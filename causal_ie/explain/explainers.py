@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from causal_ie.interventions import (
     AutoencoderSpace,
+    InterventionSpec,
     autoencoder_space,
     causal_effect,
     latent_map,
@@ -80,93 +81,35 @@ class CEExplainer:
         return f"{type(self).__name__}({args})"
 
 
-class _PixelBaselineMixin:
-    """Baseline options of the pixel-space explainers (see ``make_baseline``)."""
-
-    baseline: Any
-    baseline_value: float
-    noise_samples: int
-    seed: int | None
-
-    def _baseline_kwargs(self, device: torch.device) -> dict[str, Any]:
-        generator = None
-        if self.seed is not None:
-            generator = torch.Generator(device=device).manual_seed(int(self.seed))
-        return dict(
-            baseline=self.baseline,
-            baseline_value=self.baseline_value,
-            noise_samples=self.noise_samples,
-            generator=generator,
-        )
-
-
-class PatchCE(_PixelBaselineMixin, CEExplainer):
+class PatchCE(CEExplainer):
     """Sliding-window CE (``conf/mask/patch.yaml``; ``size=1, stride=1`` is pixel-wise CE).
 
-    ``seed`` makes the ``noise`` baseline reproducible (a fresh generator per call).
+    ``intervention``: baseline, outcome, batch size, ... (built once from ``conf/intervention``).
     """
 
-    def __init__(
-        self,
-        size: int = 8,
-        stride: int = 4,
-        baseline: str | float = "zero",
-        baseline_value: float = 1.0,
-        noise_samples: int = 8,
-        outcome: str = "prob",
-        batch_size: int | None = 64,
-        seed: int | None = None,
-        progress: bool = False,
-    ):
+    def __init__(self, size: int = 8, stride: int = 4, intervention: InterventionSpec | None = None):
         self.size, self.stride = size, stride
-        self.baseline, self.baseline_value, self.noise_samples = baseline, baseline_value, noise_samples
-        self.outcome, self.batch_size, self.seed, self.progress = outcome, batch_size, seed, progress
+        self.intervention = intervention or InterventionSpec()
         self.kind = "pixel" if size in (1, (1, 1), [1, 1]) else "patch"
 
     def _maps(self, model: nn.Module, images: Tensor) -> Tensor:
         return causal_effect(
-            model,
-            images,
-            window=_int_or_pair(self.size),
-            stride=_int_or_pair(self.stride),
-            outcome=self.outcome,
-            batch_size=self.batch_size,
-            progress=self.progress,
-            **self._baseline_kwargs(images.device),
+            model, images, window=_int_or_pair(self.size), stride=_int_or_pair(self.stride), spec=self.intervention
         )
 
 
-class SuperpixelCE(_PixelBaselineMixin, CEExplainer):
+class SuperpixelCE(CEExplainer):
     """CE of SLIC superpixels (``conf/mask/superpixel.yaml``)."""
 
     kind = "superpixel"
 
-    def __init__(
-        self,
-        n_segments: int = 64,
-        compactness: float = 0.1,
-        baseline: str | float = "zero",
-        baseline_value: float = 1.0,
-        noise_samples: int = 8,
-        outcome: str = "prob",
-        batch_size: int | None = 64,
-        seed: int | None = None,
-        progress: bool = False,
-    ):
+    def __init__(self, n_segments: int = 64, compactness: float = 0.1, intervention: InterventionSpec | None = None):
         self.n_segments, self.compactness = n_segments, compactness
-        self.baseline, self.baseline_value, self.noise_samples = baseline, baseline_value, noise_samples
-        self.outcome, self.batch_size, self.seed, self.progress = outcome, batch_size, seed, progress
+        self.intervention = intervention or InterventionSpec()
 
     def _maps(self, model: nn.Module, images: Tensor) -> Tensor:
         maps, _ = superpixel_effect(
-            model,
-            images,
-            n_segments=self.n_segments,
-            compactness=self.compactness,
-            outcome=self.outcome,
-            batch_size=self.batch_size,
-            progress=self.progress,
-            **self._baseline_kwargs(images.device),
+            model, images, n_segments=self.n_segments, compactness=self.compactness, spec=self.intervention
         )
         return maps
 
@@ -190,20 +133,17 @@ class LatentCE(CEExplainer):
         self,
         layer: str = "auto",
         mode: str = "spatial",
-        baseline: str | float = "zero",
-        outcome: str = "prob",
-        batch_size: int | None = 64,
-        progress: bool = False,
         space: str = "activation",
         autoencoder: dict[str, Any] | None = None,
+        intervention: InterventionSpec | None = None,
     ):
         if space not in self.SPACES:
             raise ValueError(f"latent.space must be one of {self.SPACES}, got {space!r}")
         unknown = sorted(set(autoencoder or {}) - set(self.AUTOENCODER_SETTINGS))
         if unknown:
             raise ValueError(f"latent.autoencoder has unknown settings {unknown}; known: {self.AUTOENCODER_SETTINGS}")
-        self.layer, self.mode, self.baseline = layer, mode, baseline
-        self.outcome, self.batch_size, self.progress = outcome, batch_size, progress
+        self.layer, self.mode = layer, mode
+        self.intervention = intervention or InterventionSpec()
         self.space, self.autoencoder = space, dict(autoencoder or {})
         # the fitted AutoencoderSpace and (weakly) the classifier it was fitted to
         self._space: AutoencoderSpace | None = None
@@ -217,7 +157,7 @@ class LatentCE(CEExplainer):
         if self.space != "autoencoder":
             raise ValueError(f"fit_autoencoder needs latent.space='autoencoder', this explainer has {self.space!r}")
         self._space = autoencoder_space(
-            model, self.layer, batches_factory, cache_dir=cache_dir, key=key, progress=self.progress,
+            model, self.layer, batches_factory, cache_dir=cache_dir, key=key, progress=self.intervention.progress,
             **self.autoencoder,
         )
         self._fitted_to = weakref.ref(model)
@@ -238,17 +178,7 @@ class LatentCE(CEExplainer):
 
     def _maps(self, model: nn.Module, images: Tensor) -> Tensor:
         space = self._autoencoder_space(model) if self.space == "autoencoder" else None
-        return latent_map(
-            model,
-            images,
-            layer=self.layer,
-            mode=self.mode,
-            baseline=self.baseline,
-            outcome=self.outcome,
-            batch_size=self.batch_size,
-            space=space,
-            progress=self.progress,
-        )
+        return latent_map(model, images, layer=self.layer, mode=self.mode, space=space, spec=self.intervention)
 
 
 def _int_or_pair(value: Any) -> int | tuple[int, int]:

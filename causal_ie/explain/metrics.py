@@ -23,7 +23,10 @@ import torch
 from skimage.measure import label as label_components
 from torch import Tensor, nn
 from torchmetrics import Metric, MetricCollection
-from torchvision.transforms.functional import gaussian_blur
+
+from causal_ie.interventions import InterventionSpec, MaskRegions, region_effects
+from causal_ie.interventions.engine import check_images, image_forward
+from causal_ie.runtime import eval_mode, to_model
 
 DEFAULT_THRESHOLDS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
 
@@ -34,7 +37,6 @@ __all__ = [
     "EnergyPointingGame",
     "PairCount",
     "PointingGame",
-    "blur_baseline",
     "box_masks",
     "localisation_metrics",
 ]
@@ -277,42 +279,25 @@ def localisation_metrics(
     )
 
 
-def blur_kernel_size(size: int) -> int:
-    """An odd kernel of about a quarter of the image side (at least 3)."""
-    return max(3, (size // 4) | 1)
-
-
-def blur_baseline(images: Tensor) -> Tensor:
-    """Heavily blurred images: the "removed" pixels of deletion/insertion.
-
-    Blurring (RISE, Petsiuk et al. 2018) removes the local detail a lesion is
-    made of while keeping the image's overall intensity, so the classifier
-    sees fewer out-of-distribution artefacts than with a black fill. The
-    kernel is the odd size nearest above a quarter of each image side
-    (:func:`blur_kernel_size`), with sigma = kernel / 4 so the Gaussian is not
-    cut off much by the kernel's ends; the borders are reflected.
-    """
-    kernel_x = blur_kernel_size(images.shape[-1])
-    kernel_y = blur_kernel_size(images.shape[-2])
-    return gaussian_blur(images, kernel_size=[kernel_x, kernel_y], sigma=[kernel_x / 4, kernel_y / 4])
-
-
 class DeletionInsertion(Metric):
     """Faithfulness as deletion and insertion AUC (RISE, Petsiuk et al. 2018).
 
     Pixels are ranked by the map (descending; stable, so ties keep raster
     order). At steps s = 0..n_steps the first ``round(s * H * W / n_steps)``
-    pixels are *deleted* (replaced by the baseline image) from the image, or
-    *inserted* (copied from the image) into the baseline, and the
-    classifier's probability of the pair's finding is recorded. The AUC is
-    the trapezoidal area under probability vs. the fraction of pixels
-    changed, from 0 to 1. A faithful map has low deletion AUC (the
-    probability collapses once its top pixels are gone) and high insertion
-    AUC.
+    pixels are *deleted* (set to the intervention's baseline, by default the
+    blurred image) from the image, or *inserted* (copied from the image) into
+    the baseline, and the classifier's probability of the pair's finding is
+    recorded. The AUC is the trapezoidal area under probability vs. the
+    fraction of pixels changed, from 0 to 1. A faithful map has low deletion
+    AUC (the probability collapses once its top pixels are gone) and high
+    insertion AUC.
 
-    ``baseline``: ``"blur"`` (:func:`blur_baseline`), ``"zero"`` or a constant.
-    All steps of all pairs go through the classifier in batches of at most
-    ``batch_size`` images, without gradients.
+    Both curves are interventions: step s of deletion is do(X_top = b), step s
+    of insertion do(X_rest = b), so they run on the CE engine
+    (:func:`~causal_ie.interventions.region_effects` with :class:`~causal_ie.interventions.MaskRegions`)
+    with ``intervention``
+    (default: the ``blur`` baseline in batches of 128; its outcome must be
+    ``prob``), all findings per forward, without gradients.
 
     The classifier is held outside the module tree: the evaluating
     LightningModule owns it, and registering it here would duplicate its
@@ -324,99 +309,65 @@ class DeletionInsertion(Metric):
     full_state_update = False
 
     def __init__(
-        self,
-        classifier: nn.Module,
-        n_steps: int = 10,
-        baseline: str | float = "blur",
-        batch_size: int = 128,
-        **kwargs,
+        self, classifier: nn.Module, n_steps: int = 10, intervention: InterventionSpec | None = None, **kwargs
     ):
         super().__init__(**kwargs)
         if n_steps < 1:
             raise ValueError(f"n_steps must be >= 1, got {n_steps}")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        intervention = intervention or InterventionSpec(baseline="blur", batch_size=128)
+        if intervention.outcome != "prob":
+            raise ValueError(
+                f"deletion/insertion curves follow the finding's probability: their intervention needs "
+                f"outcome='prob', got {intervention.outcome!r}"
+            )
         self._classifier = [classifier]  # a list: not a submodule (see class docstring)
         self.n_steps = int(n_steps)
-        self.baseline = self._check_baseline(baseline)
-        self.batch_size = int(batch_size)
+        self.intervention = intervention
         self.add_state("deletion_sum", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("insertion_sum", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("total", torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
-
-    @staticmethod
-    def _check_baseline(baseline: str | float) -> str | float:
-        if isinstance(baseline, str) and baseline.lower() in ("blur", "zero"):
-            return baseline.lower()
-        try:
-            return float(baseline)
-        except (TypeError, ValueError):
-            raise ValueError(f"baseline must be 'blur', 'zero' or a number, got {baseline!r}") from None
 
     @property
     def classifier(self) -> nn.Module:
         return self._classifier[0]
 
-    def baseline_images(self, images: Tensor) -> Tensor:
-        """What deleted pixels become (and what insertion starts from)."""
-        if self.baseline == "blur":
-            return blur_baseline(images)
-        if self.baseline == "zero":
-            return torch.zeros_like(images)
-        return torch.full_like(images, self.baseline)
-
     def pixel_counts(self, num_pixels: int) -> list[int]:
         """Pixels changed at each step: ``round(s * num_pixels / n_steps)``, s = 0..n_steps."""
         return [round(s * num_pixels / self.n_steps) for s in range(self.n_steps + 1)]
 
-    def _classifier_device(self, fallback: torch.device) -> torch.device:
-        param = next(self.classifier.parameters(), None)
-        return fallback if param is None else param.device
-
-    @torch.no_grad()
     def curves(self, images: Tensor, maps: Tensor, finding_idx: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """``(fractions [S+1], deletion [P, S+1], insertion [P, S+1])`` probability curves."""
         num_pairs, _, height, width = images.shape
         if maps.shape != (num_pairs, height, width):
             raise ValueError(
                 f"maps must be [P, H, W] = {(num_pairs, height, width)} to match images "
-                f"{tuple(images.shape)}, "
-                f"got {tuple(maps.shape)}"
+                f"{tuple(images.shape)}, got {tuple(maps.shape)}"
             )
         if finding_idx.shape != (num_pairs,):
             raise ValueError(f"finding_idx must be [P] with P={num_pairs}, got {tuple(finding_idx.shape)}")
-        device = self._classifier_device(images.device)
-        images = images.detach().to(device)
-        baselines = self.baseline_images(images)
+        device = images.device
         order = torch.argsort(maps.detach().to(device).flatten(1), dim=1, descending=True, stable=True)
         # rank[p, i]: position of pixel i in pair p's order (0 = most important)
         rank = torch.empty_like(order)
         rank.scatter_(1, order, torch.arange(height * width, device=device).expand_as(order))
         counts = torch.tensor(self.pixel_counts(height * width), device=device)
-        finding_idx = finding_idx.to(device)
-        deletion = self._probabilities(images, baselines, rank, counts, finding_idx)
-        insertion = self._probabilities(baselines, images, rank, counts, finding_idx)
+        top = rank[:, None, :] < counts[None, :, None]  # [P, S+1, H*W]: the pixels changed at step s
+        # deletion sets the top pixels to the baseline; insertion keeps them and sets the rest
+        masks = torch.cat([top, ~top], dim=1).view(num_pairs, -1, height, width)
+        check_images(images, "images")
+        inputs = to_model(self.classifier, images.detach())
+        with eval_mode(self.classifier), torch.no_grad():
+            effects, probs = region_effects(
+                image_forward(self.classifier), inputs, MaskRegions(masks.to(inputs.device), num_pairs),
+                self.intervention.baseline_for(inputs), self.intervention, with_reference=True,
+            )
+        rows = torch.arange(num_pairs, device=effects.device)
+        finding_idx = finding_idx.to(effects.device)
+        # CE = y(x) - y(do(X_R = b)), so y(do(X_R = b)) = y(x) - CE
+        curves = (probs[rows, finding_idx, None] - effects[rows, finding_idx]).double()
+        deletion, insertion = curves.split(self.n_steps + 1, dim=1)
         fractions = counts.double() / (height * width)
-        return fractions, deletion, insertion
-
-    def _probabilities(
-        self, start: Tensor, fill: Tensor, rank: Tensor, counts: Tensor, finding_idx: Tensor
-    ) -> Tensor:
-        """P(finding) for every pair and step, where step s replaces the top ``counts[s]``
-        pixels of ``start`` by ``fill``; built and scored ``batch_size`` images at a time."""
-        num_pairs, channels, height, width = start.shape
-        num_steps = counts.numel()
-        probs = torch.empty(num_pairs * num_steps, dtype=torch.float64, device=start.device)
-        for begin in range(0, num_pairs * num_steps, self.batch_size):
-            end = min(begin + self.batch_size, num_pairs * num_steps)
-            job = torch.arange(begin, end, device=start.device)
-            pair, step = job // num_steps, job % num_steps
-            changed = (rank[pair] < counts[step, None]).view(-1, 1, height, width)
-            batch = torch.where(changed, fill[pair], start[pair])
-            logits = self.classifier(batch)
-            rows = torch.arange(len(job), device=logits.device)
-            probs[job] = logits[rows, finding_idx[pair]].sigmoid().double()
-        return probs.view(num_pairs, num_steps)
+        return fractions.to(curves.device), deletion, insertion
 
     def update(self, images: Tensor, maps: Tensor, finding_idx: Tensor) -> None:
         fractions, deletion, insertion = self.curves(images, maps, finding_idx)

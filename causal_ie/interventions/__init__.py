@@ -8,7 +8,8 @@
   :func:`autoencoder_space`: the same through a trained autoencoder's bottleneck.
 
 ``engine`` runs any family of regions in batches; ``windows``, ``superpixel`` and
-``latent`` define the regions; ``baselines`` what a region is replaced by.
+``latent`` define the regions; ``baselines`` what a region is replaced by;
+``spec`` (:class:`InterventionSpec`) the options every entry point shares.
 """
 
 from causal_ie.interventions.autoencoder import (
@@ -20,7 +21,6 @@ from causal_ie.interventions.autoencoder import (
 )
 from causal_ie.interventions.baselines import BASELINES, Baseline, blur, make_baseline
 from causal_ie.interventions.engine import (
-    OUTCOMES,
     MaskRegions,
     Regions,
     causal_effect,
@@ -38,6 +38,7 @@ from causal_ie.interventions.latent import (
     latent_split,
     resolve_layer,
 )
+from causal_ie.interventions.spec import OUTCOMES, InterventionSpec
 from causal_ie.interventions.superpixel import SegmentRegions, slic_segments, superpixel_effect
 from causal_ie.interventions.windows import WindowGrid, window_offsets
 
@@ -47,6 +48,7 @@ __all__ = [
     "ActivationAutoencoder",
     "AutoencoderSpace",
     "Baseline",
+    "InterventionSpec",
     "LatentSpace",
     "LatentSplit",
     "MaskRegions",

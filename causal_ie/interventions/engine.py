@@ -25,18 +25,16 @@ their own regions on the same engine.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from causal_ie.interventions.baselines import Baseline, make_baseline
+from causal_ie.interventions.baselines import Baseline
+from causal_ie.interventions.spec import InterventionSpec
 from causal_ie.interventions.windows import WindowGrid
 from causal_ie.runtime import eval_mode, to_model
-
-OUTCOMES = ("prob", "logit", "softmax", "ece")
-DEFAULT_BATCH_SIZE = 64
 # images may stray this far out of [0, 1] (resampling overshoot) before we call them unnormalised
 _RANGE_SLACK = 1e-2
 
@@ -61,12 +59,6 @@ class Regions(Protocol):
 
 
 # ---------------------------------------------------------------- outcomes
-
-
-def check_outcome(outcome: str) -> str:
-    if outcome not in OUTCOMES:
-        raise ValueError(f"outcome must be one of {OUTCOMES}, got {outcome!r}")
-    return outcome
 
 
 def outcome_values(outcome: str, logits: Tensor) -> Tensor:
@@ -119,15 +111,6 @@ def check_images(x: Tensor, name: str = "x") -> None:
         )
 
 
-def check_batch_size(batch_size: int | None) -> int:
-    """``None`` means :data:`DEFAULT_BATCH_SIZE` perturbed inputs per forward."""
-    if batch_size is None:
-        return DEFAULT_BATCH_SIZE
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be an int >= 1 or None, got {batch_size!r}")
-    return batch_size
-
-
 def image_forward(model: nn.Module) -> BatchForward:
     """The model as a :data:`BatchForward` on whole images."""
     return lambda images, image_idx: model(images)
@@ -148,12 +131,13 @@ def region_effects(
     inputs: Tensor,
     regions: Regions,
     baseline: Baseline,
+    spec: InterventionSpec,
     *,
-    outcome: str = "prob",
-    batch_size: int | None = None,
-    progress: bool = False,
-) -> Tensor:
-    """Effects [N, K, R_max] of intervening on each region of each input (0 past an image's count).
+    with_reference: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Effects [N, K, R_max] of intervening on each region of each input (0 past an image's count),
+    measured on ``spec.outcome`` in batches of ``spec.batch_size``; with ``with_reference`` also
+    the outcome values of the unperturbed inputs [N, K] (the effects are differences from them).
 
     ``forward`` maps a batch of (intervened) inputs and the index of the input
     each came from to logits. The N unperturbed inputs are the first N items of
@@ -161,8 +145,7 @@ def region_effects(
     small batch of their own. Call inside ``torch.no_grad()`` with the model in
     eval mode (the public entry points do).
     """
-    check_outcome(outcome)
-    batch_size = check_batch_size(batch_size)
+    outcome, batch_size, progress = spec.outcome, spec.forward_batch, spec.progress
     n_images, device = inputs.shape[0], inputs.device
     counts = torch.tensor(regions.region_counts(n_images), dtype=torch.long, device=device)
     samples = baseline.samples
@@ -195,9 +178,10 @@ def region_effects(
         if item.numel():
             effects = outcome_effect(outcome, reference_y.index_select(0, image_idx), y[n_reference:])
             table[image_idx, sample_idx, region_idx] = effects  # type: ignore[index]
-    if table is None:
+    if table is None or reference_y is None:
         raise ValueError("no inputs to intervene on")
-    return table.mean(dim=1).transpose(1, 2)
+    effects = table.mean(dim=1).transpose(1, 2)
+    return (effects, reference_y) if with_reference else effects
 
 
 # ---------------------------------------------------------------- pixel-space entry points
@@ -237,33 +221,16 @@ class MaskRegions:
 
 
 def pixel_space_effects(
-    model: nn.Module,
-    x: Tensor,
-    regions_for: Callable[[Tensor], Regions],
-    *,
-    baseline: str | float | Tensor,
-    outcome: str,
-    batch_size: int | None,
-    baseline_value: float,
-    noise_samples: int,
-    generator: torch.Generator | None,
-    progress: bool,
+    model: nn.Module, x: Tensor, regions_for: Callable[[Tensor], Regions], spec: InterventionSpec
 ) -> tuple[Tensor, Regions]:
     """What every pixel-space region kind shares: checks, the model's device, eval mode and
     no_grad, the baseline, the engine. Returns effects [N, K, R_max] on the model's device and
     the regions ``regions_for(images on that device)`` built."""
     check_images(x)
-    check_outcome(outcome)
-    batch_size = check_batch_size(batch_size)
     inputs = to_model(model, x)
     regions = regions_for(inputs)
     with eval_mode(model), torch.no_grad():
-        base = make_baseline(
-            inputs, baseline, baseline_value=baseline_value, noise_samples=noise_samples, generator=generator
-        )
-        effects = region_effects(
-            image_forward(model), inputs, regions, base, outcome=outcome, batch_size=batch_size, progress=progress
-        )
+        effects = region_effects(image_forward(model), inputs, regions, spec.baseline_for(inputs), spec)
     return effects, regions
 
 
@@ -273,13 +240,8 @@ def causal_effect(
     *,
     window: int | tuple[int, int],
     stride: int | tuple[int, int],
-    baseline: str | float | Tensor = "zero",
-    outcome: str = "prob",
-    batch_size: int | None = None,
-    baseline_value: float = 1.0,
-    noise_samples: int = 8,
-    generator: torch.Generator | None = None,
-    progress: bool = False,
+    spec: InterventionSpec | None = None,
+    **settings: Any,
 ) -> Tensor:
     """CE maps [N, K, H, W] of sliding-window interventions on images ``x`` [N, C, H, W] in [0, 1].
 
@@ -291,27 +253,14 @@ def causal_effect(
 
     Args:
         window, stride: int (square) or (h, w).
-        baseline: ``zero``, ``constant`` (``baseline_value``), ``mean`` (each
-            image's own mean per channel), ``blur``, ``noise`` (``noise_samples``
-            uniform images, effects averaged; ``generator`` makes it
-            reproducible), a float, or a Tensor broadcastable to ``x``
-            (see :func:`causal_ie.interventions.baselines.make_baseline`).
-        outcome: ``prob`` (sigmoid), ``logit``, ``softmax`` over the K logits, or
-            ``ece`` (one channel, K = 1; see :func:`outcome_effect`).
-        batch_size: perturbed images per forward (None: 64); bounds the memory.
-        progress: show a tqdm bar over the batches.
+        spec: the baseline, outcome, batch size, ... (:class:`InterventionSpec`; default: its
+            defaults, a zero baseline on probabilities).
+        **settings: fields of the spec to replace, e.g. ``baseline="blur", outcome="logit",
+            batch_size=128`` (unknown names are an error).
     """
+    spec = InterventionSpec.resolve(spec, **settings)
     effects, grid = pixel_space_effects(
-        model,
-        x,
-        lambda inputs: WindowGrid.create(tuple(inputs.shape[-2:]), window, stride),
-        baseline=baseline,
-        outcome=outcome,
-        batch_size=batch_size,
-        baseline_value=baseline_value,
-        noise_samples=noise_samples,
-        generator=generator,
-        progress=progress,
+        model, x, lambda inputs: WindowGrid.create(tuple(inputs.shape[-2:]), window, stride), spec
     )
     return grid.assemble(effects).to(x.device)
 
@@ -321,36 +270,23 @@ def mask_effect(
     x: Tensor,
     masks: Tensor,
     *,
-    baseline: str | float | Tensor = "zero",
-    outcome: str = "prob",
-    batch_size: int | None = None,
-    baseline_value: float = 1.0,
-    noise_samples: int = 8,
-    generator: torch.Generator | None = None,
-    progress: bool = False,
     as_maps: bool = True,
+    spec: InterventionSpec | None = None,
+    **settings: Any,
 ) -> Tensor:
     """CE of arbitrary binary region masks [N or 1, R, H, W] on images ``x`` [N, C, H, W].
 
     Returns maps [N, K, H, W] (mean effect of the masks covering each pixel), or
-    with ``as_maps=False`` the effects per mask [N, K, R]. Other arguments as in
-    :func:`causal_effect`.
+    with ``as_maps=False`` the effects per mask [N, K, R]. ``spec`` and ``settings``
+    as in :func:`causal_effect`.
     """
     if not isinstance(masks, Tensor) or masks.dim() != 4 or masks.shape[-2:] != x.shape[-2:]:
         raise ValueError(
             f"masks must be booleans [N or 1, R, H, W] of the images' size {tuple(x.shape[-2:])}, "
             f"got {tuple(getattr(masks, 'shape', ()))}"
         )
+    spec = InterventionSpec.resolve(spec, **settings)
     effects, regions = pixel_space_effects(
-        model,
-        x,
-        lambda inputs: MaskRegions(masks.to(inputs.device), inputs.shape[0]),
-        baseline=baseline,
-        outcome=outcome,
-        batch_size=batch_size,
-        baseline_value=baseline_value,
-        noise_samples=noise_samples,
-        generator=generator,
-        progress=progress,
+        model, x, lambda inputs: MaskRegions(masks.to(inputs.device), inputs.shape[0]), spec
     )
     return (regions.assemble(effects) if as_maps else effects).to(x.device)

@@ -26,13 +26,9 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from causal_ie.interventions.baselines import Baseline, make_baseline
-from causal_ie.interventions.engine import (
-    check_batch_size,
-    check_images,
-    check_outcome,
-    region_effects,
-)
+from causal_ie.interventions.baselines import Baseline
+from causal_ie.interventions.engine import check_images, region_effects
+from causal_ie.interventions.spec import InterventionSpec
 from causal_ie.interventions.windows import WindowGrid
 from causal_ie.runtime import eval_mode, to_model
 
@@ -305,31 +301,20 @@ class ChannelRegions:
         return effects
 
 
-def _check_latent_baseline(baseline: str | float) -> None:
+def _check_latent_baseline(baseline: Any) -> None:
     """``zero``, ``mean`` (each channel's spatial mean, per image) or a float."""
     if isinstance(baseline, bool) or not (isinstance(baseline, int | float) or baseline in LATENT_BASELINES):
         raise ValueError(f"latent baseline must be one of {LATENT_BASELINES} or a float, got {baseline!r}")
 
 
 def _latent_effects(
-    model: nn.Module,
-    x: Tensor,
-    *,
-    layer: str,
-    mode: str,
-    baseline: str | float,
-    outcome: str,
-    batch_size: int | None,
-    space: LatentSpace | None,
-    progress: bool,
+    model: nn.Module, x: Tensor, layer: str, mode: str, space: LatentSpace | None, spec: InterventionSpec
 ) -> tuple[Tensor, Tensor]:
     """Effects ([N, K, h, w] or [N, K, C]) and the latent activation [N, C, h, w]."""
     check_images(x)
-    check_outcome(outcome)
-    batch_size = check_batch_size(batch_size)
     if mode not in LATENT_MODES:
         raise ValueError(f"mode must be one of {LATENT_MODES}, got {mode!r}")
-    _check_latent_baseline(baseline)
+    _check_latent_baseline(spec.baseline)
     inputs = to_model(model, x)
     with eval_mode(model), torch.no_grad():
         space = space if space is not None else latent_split(model, layer)
@@ -338,7 +323,6 @@ def _latent_effects(
             raise ValueError(
                 f"latent interventions need a feature map [N, C, h, w], the layer gives shape {tuple(latent.shape)}"
             )
-        base = make_baseline(latent, baseline)
         if mode == "spatial":  # a cell is a 1 x 1 window through all channels
             regions = WindowGrid.create(tuple(latent.shape[-2:]), 1, 1)
         else:
@@ -347,9 +331,7 @@ def _latent_effects(
         def forward(batch: Tensor, image_idx: Tensor) -> Tensor:
             return space.decode(batch, context, image_idx)
 
-        effects = region_effects(
-            forward, latent, regions, base, outcome=outcome, batch_size=batch_size, progress=progress
-        )
+        effects = region_effects(forward, latent, regions, spec.baseline_for(latent), spec)
         return regions.assemble(effects), latent
 
 
@@ -359,24 +341,20 @@ def latent_effect(
     *,
     layer: str = "auto",
     mode: str = "spatial",
-    baseline: str | float = "zero",
-    outcome: str = "prob",
-    batch_size: int | None = 64,
     space: LatentSpace | None = None,
-    progress: bool = False,
+    spec: InterventionSpec | None = None,
+    **settings: Any,
 ) -> Tensor:
     """CE of interventions on the activation A of ``layer`` for images ``x`` [N, C, H, W].
 
     ``spatial``: one intervention per cell (i, j), all channels of the cell set to
     the baseline -> [N, K, h, w]. ``channel``: one per channel, the whole channel
-    set -> [N, K, C_A]. ``baseline``: ``zero``, ``mean`` (the channel's spatial
-    mean in that image) or a float. ``space`` replaces the fx split (``layer`` is
-    then ignored). Outcomes as in :func:`causal_ie.interventions.causal_effect`.
+    set -> [N, K, C_A]. The spec's ``baseline``: ``zero``, ``mean`` (the channel's
+    spatial mean in that image) or a float. ``space`` replaces the fx split (``layer``
+    is then ignored). ``spec`` and ``settings`` as in :func:`causal_ie.interventions.causal_effect`.
     """
-    effects, _ = _latent_effects(
-        model, x, layer=layer, mode=mode, baseline=baseline, outcome=outcome,
-        batch_size=batch_size, space=space, progress=progress,
-    )
+    spec = InterventionSpec.resolve(spec, **settings)
+    effects, _ = _latent_effects(model, x, layer, mode, space, spec)
     return effects.to(x.device)
 
 
@@ -386,11 +364,9 @@ def latent_map(
     *,
     layer: str = "auto",
     mode: str = "spatial",
-    baseline: str | float = "zero",
-    outcome: str = "prob",
-    batch_size: int | None = 64,
     space: LatentSpace | None = None,
-    progress: bool = False,
+    spec: InterventionSpec | None = None,
+    **settings: Any,
 ) -> Tensor:
     """Latent CE as maps [N, K, H, W] at the input's size (bilinear, align_corners=False).
 
@@ -399,10 +375,8 @@ def latent_map(
     ``sum_c CE_c |A_c| / sum_c |A_c|`` (0 where A is all zero), upsampled: a
     channel's effect is attributed to the places that carry it.
     """
-    effects, latent = _latent_effects(
-        model, x, layer=layer, mode=mode, baseline=baseline, outcome=outcome,
-        batch_size=batch_size, space=space, progress=progress,
-    )
+    spec = InterventionSpec.resolve(spec, **settings)
+    effects, latent = _latent_effects(model, x, layer, mode, space, spec)
     if mode == "channel":
         magnitude = latent.abs().to(effects.dtype)
         total = magnitude.sum(dim=1, keepdim=True)

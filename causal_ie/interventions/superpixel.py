@@ -8,6 +8,8 @@ of its own segment: the map is piecewise constant.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 from skimage.segmentation import slic
@@ -15,6 +17,7 @@ from torch import Tensor, nn
 
 from causal_ie.interventions.baselines import Baseline
 from causal_ie.interventions.engine import pixel_space_effects
+from causal_ie.interventions.spec import InterventionSpec
 
 
 def slic_segments(x: Tensor, *, n_segments: int = 64, compactness: float = 0.1) -> Tensor:
@@ -83,20 +86,17 @@ def superpixel_effect(
     *,
     n_segments: int = 64,
     compactness: float = 0.1,
-    baseline: str | float | Tensor = "zero",
-    outcome: str = "prob",
-    batch_size: int | None = None,
-    baseline_value: float = 1.0,
-    noise_samples: int = 8,
-    generator: torch.Generator | None = None,
     segments: Tensor | None = None,
-    progress: bool = False,
+    spec: InterventionSpec | None = None,
+    **settings: Any,
 ) -> tuple[Tensor, Tensor]:
     """CE maps [N, K, H, W] of removing each SLIC superpixel, and the segments [N, H, W].
 
-    ``segments`` (label maps 0..R_n-1) replaces SLIC when given. Other arguments
+    ``segments`` (label maps 0..R_n-1) replaces SLIC when given. ``spec`` and ``settings``
     as in :func:`causal_ie.interventions.causal_effect`.
     """
+    spec = InterventionSpec.resolve(spec, **settings)
+
     def regions_for(inputs: Tensor) -> SegmentRegions:
         labels = (
             slic_segments(inputs, n_segments=n_segments, compactness=compactness)
@@ -108,17 +108,6 @@ def superpixel_effect(
             raise ValueError(f"segments must be label maps [N, H, W] = {expected}, got {tuple(labels.shape)}")
         return SegmentRegions(labels)
 
-    effects, regions = pixel_space_effects(
-        model,
-        x,
-        regions_for,
-        baseline=baseline,
-        outcome=outcome,
-        batch_size=batch_size,
-        baseline_value=baseline_value,
-        noise_samples=noise_samples,
-        generator=generator,
-        progress=progress,
-    )
+    effects, regions = pixel_space_effects(model, x, regions_for, spec)
     assert isinstance(regions, SegmentRegions)
     return regions.assemble(effects).to(x.device), regions.segments.to(x.device)

@@ -14,6 +14,7 @@ from torchmetrics.classification import MultilabelAUROC
 from causal_ie.attacks.evaluation import AttackEvaluation
 from causal_ie.explain.explainers import Explainer, select_maps
 from causal_ie.explain.metrics import DEFAULT_THRESHOLDS, DeletionInsertion, localisation_metrics
+from causal_ie.interventions import InterventionSpec
 from causal_ie.models import Classifier
 
 
@@ -42,8 +43,7 @@ class CEEvaluation(L.LightningModule):
         explainers: Mapping[str, Explainer],
         thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
         deletion_steps: int = 10,
-        deletion_baseline: str = "blur",
-        deletion_batch_size: int = 128,
+        deletion: InterventionSpec | None = None,
         faithfulness: bool = True,
         examples_per_finding: int = 2,
         attack: AttackEvaluation | None = None,
@@ -63,12 +63,7 @@ class CEEvaluation(L.LightningModule):
         )
         self.faithfulness = nn.ModuleDict(
             {
-                name: DeletionInsertion(
-                    self.classifier,
-                    n_steps=deletion_steps,
-                    baseline=deletion_baseline,
-                    batch_size=deletion_batch_size,
-                )
+                name: DeletionInsertion(self.classifier, n_steps=deletion_steps, intervention=deletion)
                 for name in self.explainers
             }
             if faithfulness

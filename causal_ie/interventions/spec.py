@@ -1,0 +1,90 @@
+"""InterventionSpec: how an intervention do(X_R = b) is made and measured, as one object.
+
+Every CE entry point (sliding windows, masks, superpixels, latent cells and
+channels, deletion curves) takes one spec instead of re-spelling its options;
+Hydra builds it once (``conf/intervention/``) and the explainers pass it on whole.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from causal_ie.interventions.baselines import BASELINES, Baseline, make_baseline
+
+OUTCOMES = ("prob", "logit", "softmax", "ece")
+DEFAULT_BATCH_SIZE = 64
+
+
+@dataclass(frozen=True, eq=False)
+class InterventionSpec:
+    """What a region is set to, what the effect is measured on, and how the work is batched.
+
+    Args:
+        baseline: ``zero``, ``constant`` (``baseline_value``), ``mean`` (each image's own
+            mean), ``blur`` (a Gaussian blur of the image), ``noise`` (``noise_samples``
+            uniform draws; the effect is the mean over them), a float, or a Tensor of
+            images broadcastable to the inputs (see :func:`~causal_ie.interventions.make_baseline`).
+            Latent interventions take ``zero``, ``mean`` (the channel's mean) or a float.
+        baseline_value: the value of ``constant``.
+        noise_samples: draws of the ``noise`` baseline.
+        outcome: ``prob`` (sigmoid), ``logit``, ``softmax`` or ``ece`` (one prediction-weighted
+            number per intervention).
+        batch_size: perturbed inputs per forward (memory is bounded by it).
+        seed: seeds the ``noise`` draws (a fresh generator per call, so calls repeat); None:
+            torch's global generator.
+        progress: a progress bar over the batches.
+    """
+
+    baseline: str | float | Tensor = "zero"
+    baseline_value: float = 1.0
+    noise_samples: int = 8
+    outcome: str = "prob"
+    batch_size: int | None = DEFAULT_BATCH_SIZE
+    seed: int | None = None
+    progress: bool = False
+
+    def __post_init__(self) -> None:
+        b = self.baseline
+        if isinstance(b, bool) or not (isinstance(b, int | float | Tensor) or b in BASELINES):
+            raise ValueError(f"intervention baseline must be one of {BASELINES}, a number or a Tensor, got {b!r}")
+        if self.outcome not in OUTCOMES:
+            raise ValueError(f"intervention outcome must be one of {OUTCOMES}, got {self.outcome!r}")
+        if isinstance(self.noise_samples, bool) or int(self.noise_samples) != self.noise_samples or self.noise_samples < 1:
+            raise ValueError(f"intervention noise_samples must be an int >= 1, got {self.noise_samples!r}")
+        bs = self.batch_size
+        if bs is not None and (isinstance(bs, bool) or not isinstance(bs, int) or bs < 1):
+            raise ValueError(f"intervention batch_size must be an int >= 1 or null, got {bs!r}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+            raise ValueError(f"intervention seed must be an int or null, got {self.seed!r}")
+
+    @classmethod
+    def resolve(cls, spec: InterventionSpec | None = None, **settings: Any) -> InterventionSpec:
+        """``spec`` (default: the defaults) with ``settings`` replacing its fields; unknown names
+        are an error that lists the fields."""
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(settings) - fields)
+        if unknown:
+            raise TypeError(f"unknown intervention setting(s) {unknown}; InterventionSpec fields: {sorted(fields)}")
+        spec = spec if spec is not None else cls()
+        return dataclasses.replace(spec, **settings) if settings else spec
+
+    @property
+    def forward_batch(self) -> int:
+        """Perturbed inputs per forward (``batch_size``, or the default when null)."""
+        return DEFAULT_BATCH_SIZE if self.batch_size is None else self.batch_size
+
+    def generator(self, device: torch.device) -> torch.Generator | None:
+        """A fresh generator on ``device`` seeded with ``seed`` (None without a seed)."""
+        return None if self.seed is None else torch.Generator(device=device).manual_seed(self.seed)
+
+    def baseline_for(self, x: Tensor) -> Baseline:
+        """The :class:`Baseline` of images (or feature maps) ``x`` [N, C, H, W]."""
+        return make_baseline(
+            x, self.baseline, baseline_value=self.baseline_value, noise_samples=self.noise_samples,
+            generator=self.generator(x.device),
+        )
