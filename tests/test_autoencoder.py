@@ -14,10 +14,10 @@ from torch import nn
 from causal_ie.explain.explainers import LatentCE
 from causal_ie.interventions import (
     ActivationAutoencoder,
+    AutoencoderSettings,
     AutoencoderSpace,
     autoencoder_space,
     latent_effect,
-    latent_map,
     latent_split,
     total_variation,
     train_autoencoder,
@@ -104,7 +104,7 @@ def test_training_fits_the_activations_and_leaves_the_classifier_and_rng_alone(c
     buffers = {name: b.clone() for name, b in classifier.named_buffers()}
     rng = torch.get_rng_state()
     split = latent_split(classifier, "auto")
-    ae = train_autoencoder(split, batches, steps=200, seed=3)
+    ae = train_autoencoder(split, batches, AutoencoderSettings(steps=200, seed=3))
     assert torch.equal(torch.get_rng_state(), rng)
     ratio = float(ae.reconstruction_l1) / float(ae.activation_l1)
     assert float(ae.activation_l1) > 0 and ratio < 0.5, ratio
@@ -119,17 +119,17 @@ def test_training_fits_the_activations_and_leaves_the_classifier_and_rng_alone(c
     assert not classifier.training and not ae.training
     assert not any(p.requires_grad for p in ae.parameters())
     assert (ae.channels, ae.hidden, ae.bottleneck) == (48, 32, 16)
-    again = train_autoencoder(split, lambda: iter(batches), steps=3, seed=3)  # seeded: same start
-    first = train_autoencoder(split, batches, steps=3, seed=3)
+    again = train_autoencoder(split, lambda: iter(batches), AutoencoderSettings(steps=3, seed=3))  # seeded: same start
+    first = train_autoencoder(split, batches, AutoencoderSettings(steps=3, seed=3))
     torch.testing.assert_close(again.state_dict(), first.state_dict(), atol=0, rtol=0)
 
 
 def test_one_shot_iterators_and_bad_steps_are_named():
     split = latent_split(conv_model(), "3")
     with pytest.raises(ValueError, match="ran out"):
-        train_autoencoder(split, iter([images()]), steps=3)
+        train_autoencoder(split, iter([images()]), AutoencoderSettings(steps=3))
     with pytest.raises(ValueError, match="steps"):
-        train_autoencoder(split, [images()], steps=0)
+        train_autoencoder(split, [images()], AutoencoderSettings(steps=0))
 
 
 def test_autoencoder_space_trains_once_and_caches(tmp_path, caplog):
@@ -140,7 +140,8 @@ def test_autoencoder_space_trains_once_and_caches(tmp_path, caplog):
         calls.append(1)
         return [images(4, seed=s) for s in range(2)]
 
-    settings = dict(cache_dir=tmp_path, key="ckpt-a", hidden=8, bottleneck=4, steps=5)
+    small = AutoencoderSettings(hidden=8, bottleneck=4, steps=5)
+    settings = dict(cache_dir=tmp_path, key="ckpt-a", settings=small)
     first = autoencoder_space(model, "3", batches, **settings)
     files = list((tmp_path / "autoencoders").glob("*.pt"))
     assert len(files) == 1 and calls == [1, 1, 1]  # 5 steps over passes of 2 batches
@@ -150,7 +151,7 @@ def test_autoencoder_space_trains_once_and_caches(tmp_path, caplog):
     assert torch.isfinite(second.autoencoder.reconstruction_l1)
     assert second.split is first.split and not second.autoencoder.training
 
-    autoencoder_space(model, "3", batches, **{**settings, "steps": 6})
+    autoencoder_space(model, "3", batches, **{**settings, "settings": AutoencoderSettings(hidden=8, bottleneck=4, steps=6)})
     autoencoder_space(model, "3", batches, **{**settings, "key": "ckpt-b"})
     assert len(list((tmp_path / "autoencoders").glob("*.pt"))) == 3
 
@@ -183,7 +184,7 @@ def test_latent_ce_needs_a_fitted_autoencoder(tmp_path):
     space = explainer.fit_autoencoder(model, lambda: [images(4)], tmp_path, "key")
     assert space.autoencoder.bottleneck == 16
     maps = explainer(model, x, torch.tensor([0, 1]), torch.tensor([2, 4]))
-    expected = latent_map(model, x, mode="channel", space=space)
+    expected = latent_effect(model, x, mode="channel", space=space, as_maps=True)
     torch.testing.assert_close(maps, expected[[0, 1], [2, 4]], atol=1e-6, rtol=0)
     with pytest.raises(RuntimeError, match="fit_autoencoder"):  # fitted to another classifier
         explainer.all_findings(conv_model(), x)

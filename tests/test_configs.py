@@ -95,4 +95,4 @@ def test_latent_mask_follows_the_latent_block(overrides, space, mode, tmp_path):
     cfg = compose_config("evaluate", overrides, tmp_path)
     explainer = instantiate(cfg.mask, _convert_="all")
     assert (explainer.space, explainer.mode) == (space, mode)
-    assert explainer.autoencoder["steps"] == (3 if "mask.autoencoder.steps=3" in overrides else 500)
+    assert explainer.autoencoder.steps == (3 if "mask.autoencoder.steps=3" in overrides else 500)

@@ -9,26 +9,31 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import ROOT, TINY_EVAL, compose_config, eval_cfg
 from hydra.core.global_hydra import GlobalHydra
 
+from causal_ie.data import FINDINGS
 from causal_ie.evaluation import evaluate
 from causal_ie.outputs.results import flatten
+from causal_ie.outputs.schema import EVALUATION, problems
 
 
 def test_evaluate_writes_results_and_report(tmp_path, checkpoint):
     results, objects = evaluate(eval_cfg(tmp_path, checkpoint))
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved == json.loads(json.dumps(results))
-    assert 0.0 <= saved["classification"]["auroc_mean"] <= 1.0
+    assert problems(saved, EVALUATION) == []  # every key is described in the schema (docs/results.md)
     assert set(saved["classification"]["auroc"]) == set(objects["datamodule"].findings)
+    # the pairs are the test images' present findings that have a box
+    test = objects["datamodule"].dataset("test")
+    items = [test[i] for i in range(len(test))]
+    expected = sum(int(((it["labels"] > 0.5) & ~it["boxes"].isnan().any(-1)).sum()) for it in items)
+    assert saved["localisation_pairs"] == expected > 0
+    assert saved["classification"]["num_images"] == len(items) == 12
     for method in ("ce", "ce_latent", "gradcam"):
-        loc = saved["localisation"][method]
-        for key in ("pointing_game", "energy_pointing_game", "iobb@0.1", "iobb@0.7", "iou@0.5"):
-            assert 0.0 <= loc[key] <= 1.0, (method, key)
-        faith = saved["faithfulness"][method]
-        assert 0.0 <= faith["deletion_auc"] <= 1.0 and 0.0 <= faith["insertion_auc"] <= 1.0
-    assert saved["localisation_pairs"] > 0
+        assert saved["localisation"][method]["pairs"] == expected
+        assert set(saved["faithfulness"][method]) == {"deletion_auc", "insertion_auc"}
     report = (tmp_path / "report.md").read_text()
     pngs = list((tmp_path / "figures").glob("*.png"))
     assert pngs and all(f"figures/{p.name}" in report for p in pngs)
@@ -41,7 +46,8 @@ def test_every_mask_config_runs(tmp_path, checkpoint, mask):
     if mask == "superpixel":
         overrides.append("mask.n_segments=16")
     results, _ = evaluate(eval_cfg(tmp_path, checkpoint, *overrides))
-    assert 0.0 <= results["localisation"]["ce"]["pointing_game"] <= 1.0
+    assert results["localisation"]["ce"]["pairs"] == results["localisation_pairs"] > 0
+    assert problems(results, EVALUATION) == []
     assert results["run"]["mask"] == mask
 
 
@@ -112,3 +118,88 @@ def test_mask_size_multirun_and_summary(tmp_path, checkpoint):
     assert summary.returncode == 0, summary.stderr
     assert "mask.size" in (sweep / "summary.md").read_text()
     assert (sweep / "summary_mask.size.png").is_file()
+
+
+# -- exact values on a model that only looks at its boxes -----------------------------------------
+SIDE, CELL = 28, 4  # 7 x 7 cells of 4 px; finding k's box is cell (row 0 or 3, column k % 7)
+
+
+def finding_box(k: int) -> list[float]:
+    return [float((k % 7) * CELL), float((k // 7) * 3 * CELL), float(CELL), float(CELL)]
+
+
+class BoxModel(torch.nn.Module):
+    """logit_k = 10 * (mean of the image over finding k's box) - 5: +5 with the box lit, -5 without."""
+
+    def __init__(self):
+        super().__init__()
+        self.findings = FINDINGS
+        masks = torch.zeros(len(FINDINGS), SIDE, SIDE)
+        for k in range(len(FINDINGS)):
+            x, y, w, h = (int(v) for v in finding_box(k))
+            masks[k, y : y + h, x : x + w] = 1 / (w * h)
+        self.register_buffer("masks", masks)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 10 * torch.einsum("nchw,khw->nk", x, self.masks) - 5
+
+
+def box_batches(n: int = 8) -> list[dict]:
+    """Image i lights the boxes of findings with (i + k) % 3 == 0: every finding present and absent."""
+    items = []
+    for i in range(n):
+        image = torch.zeros(1, SIDE, SIDE)
+        labels = torch.zeros(len(FINDINGS))
+        boxes = torch.full((len(FINDINGS), 4), float("nan"))
+        for k in range(len(FINDINGS)):
+            if (i + k) % 3 == 0:
+                x, y, w, h = (int(v) for v in finding_box(k))
+                image[0, y : y + h, x : x + w] = 1.0
+                labels[k] = 1.0
+                boxes[k] = torch.tensor(finding_box(k))
+        items.append({"image": image, "labels": labels, "boxes": boxes, "id": f"img{i}", "patient_id": f"p{i}"})
+    return items
+
+
+class FlatMap:
+    """An explainer that sees nothing: all-zero maps."""
+
+    kind = "flat"
+
+    def __call__(self, model, images, img_idx, finding_idx):
+        return images.new_zeros((len(img_idx), *images.shape[-2:]))
+
+
+def test_evaluation_scores_a_model_that_only_looks_at_its_boxes_exactly():
+    import lightning as L
+    from torch.utils.data import DataLoader
+
+    from causal_ie.explain.explainers import PatchCE
+    from causal_ie.interventions import InterventionSpec
+    from causal_ie.lightning.evaluation import CEEvaluation
+
+    items = box_batches()
+    explainers = {"ce": PatchCE(size=CELL, stride=CELL), "flat": FlatMap()}
+    module = CEEvaluation(BoxModel(), explainers, deletion_steps=4, deletion=InterventionSpec(baseline="zero"))
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        inference_mode=False)
+    trainer.test(module, dataloaders=DataLoader(items, batch_size=3))
+    results = module.results
+    pairs = sum(int(item["labels"].sum()) for item in items)
+    assert results["localisation_pairs"] == pairs == 37
+    # lit boxes give logit +5, dark ones -5: every finding perfectly ranked
+    assert results["classification"]["auroc"] == {f: 1.0 for f in FINDINGS}
+    ce = results["localisation"]["ce"]
+    # occluding a window changes only the finding whose box it is: the map is positive on the box
+    # alone, so its peak, its thresholded region and its box are the lesion box
+    assert ce["pointing_game"] == 1.0 and ce["energy_pointing_game"] == pytest.approx(1.0)
+    assert ce["iou@0.7"] == 1.0 and ce["iobb@0.7"] == 1.0 and ce["iou_mean"] == pytest.approx(1.0)
+    # a flat map ties everywhere: it scores the box's share of the image, like a random guess
+    flat = results["localisation"]["flat"]
+    assert flat["pointing_game"] == pytest.approx(CELL * CELL / SIDE**2)
+    assert flat["energy_pointing_game"] == 0.0
+    # deletion (zero baseline, 4 steps of 196 pixels): the box goes in the first step, so the
+    # curve is s(5), s(-5), s(-5), s(-5), s(-5); insertion mirrors it (s: sigmoid)
+    low = torch.sigmoid(torch.tensor(-5.0)).item()
+    assert results["faithfulness"]["ce"]["deletion_auc"] == pytest.approx(0.25 * (0.5 + 3 * low), abs=1e-6)
+    assert results["faithfulness"]["ce"]["insertion_auc"] == pytest.approx(0.25 * (0.5 + 3 * (1 - low)), abs=1e-6)

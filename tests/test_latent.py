@@ -7,7 +7,7 @@ import timm
 import torch
 from torch import nn
 
-from causal_ie.interventions import LatentSplit, auto_layer, latent_effect, latent_map, latent_split
+from causal_ie.interventions import LatentSplit, auto_layer, latent_effect, latent_split
 from causal_ie.models import Classifier
 
 K = 14
@@ -154,7 +154,7 @@ def test_prefix_runs_once_per_image(classifier):
 def test_latent_maps_upsample_spatial_and_weight_channel_effects(classifier):
     x = images()
     spatial = latent_effect(classifier, x)
-    maps = latent_map(classifier, x)
+    maps = latent_effect(classifier, x, as_maps=True)
     assert maps.shape == (2, K, 32, 32)
     torch.testing.assert_close(
         maps, nn.functional.interpolate(spatial, size=(32, 32), mode="bilinear", align_corners=False)
@@ -164,5 +164,5 @@ def test_latent_maps_upsample_spatial_and_weight_channel_effects(classifier):
     weights = activation.abs()
     expected = (channel[..., None, None] * weights[:, None]).sum(2) / weights.sum(1, keepdim=True)
     expected = nn.functional.interpolate(expected, size=(32, 32), mode="bilinear", align_corners=False)
-    torch.testing.assert_close(latent_map(classifier, x, mode="channel"), expected, atol=1e-6, rtol=0)
-    assert latent_map(classifier, x, outcome="ece").shape == (2, 1, 32, 32)
+    torch.testing.assert_close(latent_effect(classifier, x, mode="channel", as_maps=True), expected, atol=1e-6, rtol=0)
+    assert latent_effect(classifier, x, outcome="ece", as_maps=True).shape == (2, 1, 32, 32)

@@ -122,3 +122,38 @@ def test_transfer_matrices_only_compare_runs_that_differ_in_attack_settings(tmp_
     assert "Detection transfer (mask.size=4)" in md and "Detection transfer (mask.size=8)" in md
     header = (tmp_path / "transfer_0.csv").read_text().splitlines()[0]
     assert "attack.eps=0.01" in header and "mask.size" not in header
+
+
+def test_docs_results_md_is_rendered_from_the_schema():
+    from conftest import ROOT
+
+    from causal_ie.outputs.schema import render_markdown
+
+    assert (ROOT / "docs" / "results.md").read_text() == render_markdown(), (
+        "docs/results.md is stale: python -c 'from causal_ie.outputs.schema import render_markdown; "
+        "open(\"docs/results.md\", \"w\").write(render_markdown())'"
+    )
+
+
+def test_schema_names_unknown_keys_wrong_types_and_accepts_intervals():
+    from causal_ie.outputs.schema import EVALUATION, problems
+
+    good = {
+        "classification": {"auroc_mean": 0.9, "auroc_mean_ci_low": 0.85, "auroc_mean_ci_high": 0.95,
+                           "auroc": {"Mass": 0.8}},
+        "localisation": {"ce": {"pointing_game": 0.5, "iobb@0.3": 0.25, "pairs": 4}},
+        "run": {"ce_latent": {"space": "autoencoder"}},
+    }
+    assert problems(good, EVALUATION) == []
+    bad = {
+        "classification": {"auroc_mean": "high", "num_images_ci_low": 3},
+        "localisation": {"ce": {"pointing_gme": 0.5, "iobb@high": 0.1}},
+        "faithfulness": 0.3,
+    }
+    assert sorted(problems(bad, EVALUATION)) == [
+        "classification.auroc_mean: expected number, got str 'high'",
+        "classification.num_images_ci_low: not in the schema",
+        "faithfulness: expected a section, got float 0.3",
+        "localisation.ce.iobb@high: not in the schema",
+        "localisation.ce.pointing_gme: not in the schema",
+    ]

@@ -33,9 +33,13 @@ from causal_ie.attacks.statistics import STATISTICS, box_share, ce_features, map
 from causal_ie.explain.explainers import Explainer, select_maps
 
 # per-image attack outcome columns (see _outcome)
-OUTCOME = ("eligible", "success", "flipped", "attacked", "linf", "l2", "l0")
-BASELINES = ("max_prob", "noise_flip")
+OUTCOME_COLUMNS = ("eligible", "success", "flipped", "attacked", "linf", "l2", "l0")
+# detectors that need no CE maps, fitted on the same splits as the CE detector
+BASELINE_DETECTORS = ("max_prob", "noise_flip")
 PAIRS = ("changed", "all")
+# a column of the per-image rows: ("outcome", name), ("id", "group" | "image"),
+# ("stat", explainer, statistic, side), ("feature", name, side), ("baseline", detector, side)
+Column = tuple[str, ...]
 
 
 def group_code(name: str) -> int:
@@ -121,7 +125,7 @@ class AttackEvaluation(nn.Module):
         self.top_fraction, self.n_examples, self.repeats, self.seed = top_fraction, int(examples), int(repeats), seed
         self.auroc_adv = MultilabelAUROC(num_labels=len(self.findings), average=None)
         self.rows = _Rows()
-        self.columns: list[str] = []
+        self.columns: list[Column] = []
         self.examples: list[dict[str, Any]] = []
 
     # -- per batch --------------------------------------------------------------
@@ -147,11 +151,14 @@ class AttackEvaluation(nn.Module):
         self.auroc_adv.update(p_adv, labels.long())
         focus = _focus_finding(adv.attacked, p_clean)
         boxes = batch["boxes"][torch.arange(len(focus), device=focus.device), focus]
-        columns: dict[str, Tensor] = dict(zip(OUTCOME, _outcome(adv, p_clean, p_adv, images).unbind(1)))
+        outcome = _outcome(adv, p_clean, p_adv, images).unbind(1)
+        columns: dict[Column, Tensor] = {("outcome", name): v for name, v in zip(OUTCOME_COLUMNS, outcome)}
         # detector halves are patient-disjoint; an image without a patient id is its own patient
         patients = [p or i for p, i in zip(batch.get("patient_id", batch["id"]), batch["id"])]
         for column, names in (("group", patients), ("image", batch["id"])):
-            columns[column] = torch.tensor([float(group_code(g)) for g in names], dtype=torch.float64, device=images.device)
+            columns[("id", column)] = torch.tensor(
+                [float(group_code(g)) for g in names], dtype=torch.float64, device=images.device
+            )
         focus_maps = {}  # per explainer: the focus finding's clean and adversarial maps [B, H, W]
         image_idx = torch.arange(len(focus), device=focus.device)
         for name, explainer in self.explainers.items():
@@ -160,10 +167,10 @@ class AttackEvaluation(nn.Module):
             focus_maps[name] = (select_maps(m_clean, image_idx, focus), select_maps(m_adv, image_idx, focus))
             columns.update(self._map_columns(name, m_clean, m_adv, focus_maps[name], p_clean, p_adv, boxes))
         # one noise seed per image: the same noise in any batch or process
-        seeds = [self.seed + int(c) for c in columns["image"].tolist()]
+        seeds = [self.seed + int(c) for c in columns[("id", "image")].tolist()]
         for side, x, p in (("clean", images, p_clean), ("adv", adv.images, p_adv)):
-            columns[f"baseline.max_prob.{side}"] = max_prob(p)
-            columns[f"baseline.noise_flip.{side}"] = prediction_change_under_noise(
+            columns[("baseline", "max_prob", side)] = max_prob(p)
+            columns[("baseline", "noise_flip", side)] = prediction_change_under_noise(
                 classifier, x, std=self.noise_std, draws=self.noise_draws, seed=seeds
             )
         if not self.columns:
@@ -173,20 +180,20 @@ class AttackEvaluation(nn.Module):
         self.rows.update(torch.stack([c.to(images.device).double() for c in columns.values()], dim=1))
         self._keep_examples(batch, adv, p_clean, p_adv, focus, focus_maps)
 
-    def _map_columns(self, name, m_clean, m_adv, focus_maps, p_clean, p_adv, boxes) -> dict[str, Tensor]:
-        cols: dict[str, Tensor] = {}
+    def _map_columns(self, name, m_clean, m_adv, focus_maps, p_clean, p_adv, boxes) -> dict[Column, Tensor]:
+        cols: dict[Column, Tensor] = {}
         # characterisation: the focus finding's map, clean vs adversarial
         for side, maps in zip(("clean", "adv"), focus_maps):
             for stat, value in map_statistics(maps, self.top_fraction).items():
-                cols[f"stat.{name}.{stat}.{side}"] = value
-            cols[f"stat.{name}.box_share.{side}"] = box_share(maps, boxes)
-        cols[f"stat.{name}.correlation_with_clean.adv"] = map_correlation(*focus_maps)
+                cols[("stat", name, stat, side)] = value
+            cols[("stat", name, "box_share", side)] = box_share(maps, boxes)
+        cols[("stat", name, "correlation_with_clean", "adv")] = map_correlation(*focus_maps)
         # detector features: from each input's own maps and probabilities only
         for side, maps, probs in (("clean", m_clean, p_clean), ("adv", m_adv, p_adv)):
             if maps.shape[1] == 1:  # one map for all findings (outcome=ece): "top" is that map
                 probs = probs.amax(1, keepdim=True)
             for feature, value in ce_features(maps, probs, prefix=f"{name}.", top_fraction=self.top_fraction).items():
-                cols[f"feature.{feature}.{side}"] = value
+                cols[("feature", feature, side)] = value
         return cols
 
     def _keep_examples(self, batch, adv: Adversarial, p_clean, p_adv, focus, focus_maps) -> None:
@@ -219,19 +226,19 @@ class AttackEvaluation(nn.Module):
         self.auroc_adv.reset()
         if rows.size == 0:
             raise RuntimeError("attack evaluation saw no test images")
-        col = {name: rows[:, j] for j, name in enumerate(self.columns)}
+        col = {key: rows[:, j] for j, key in enumerate(self.columns)}
         results = {
             "attack": self._attack_results(col, per_finding),
             "ce_under_attack": self._characterisation(col),
         }
         detection, curves, data = self._detection(col)
         results["detection"] = detection
-        clean = {k[5:-6]: v for k, v in col.items() if k.startswith("stat.") and k.endswith(".clean")}
-        stats = {"clean": clean, "adv": {k: col[f"stat.{k}.adv"] for k in clean}}
+        stat_keys = [key for key in self.columns if key[0] == "stat" and key[-1] == "clean"]
+        stats = {side: {f"{key[1]}.{key[2]}": col[(*key[:3], side)] for key in stat_keys} for side in ("clean", "adv")}
         return results, {"statistics": stats, "roc": curves, "detection_data": data, "examples": self.examples}
 
     def _attack_results(self, col: Mapping[str, np.ndarray], per_finding: np.ndarray) -> dict[str, Any]:
-        eligible = col["eligible"] > 0
+        eligible = col[("outcome", "eligible")] > 0
         a = self.attack
         return {
             "name": a.name,
@@ -241,14 +248,14 @@ class AttackEvaluation(nn.Module):
             "norm": a.norm,
             # among images the attack could change (untargeted: attacked findings right on
             # clean; targeted: not yet at the goal), the share where it reached its goal
-            "success_rate": float(col["success"][eligible].mean()) if eligible.any() else float("nan"),
+            "success_rate": float(col[("outcome", "success")][eligible].mean()) if eligible.any() else float("nan"),
             "eligible_images": int(eligible.sum()),
             "num_images": int(len(eligible)),
             # share of attacked (image, finding) predictions that changed at threshold 0.5
-            "flip_rate": float(col["flipped"].sum() / max(col["attacked"].sum(), 1)),
+            "flip_rate": float(col[("outcome", "flipped")].sum() / max(col[("outcome", "attacked")].sum(), 1)),
             "auroc_mean": float(np.nanmean(per_finding)),
             "auroc": {f: float(v) for f, v in zip(self.findings, per_finding)},
-            "perturbation": {k: float(np.mean(col[k])) for k in ("linf", "l2", "l0")},
+            "perturbation": {k: float(np.mean(col[("outcome", k)])) for k in ("linf", "l2", "l0")},
         }
 
     def _characterisation(self, col: Mapping[str, np.ndarray]) -> dict[str, Any]:
@@ -256,27 +263,28 @@ class AttackEvaluation(nn.Module):
         for name in self.explainers:
             out[name] = {}
             for stat in (*STATISTICS, "box_share"):
-                clean, adv = col[f"stat.{name}.{stat}.clean"], col[f"stat.{name}.{stat}.adv"]
+                clean, adv = col[("stat", name, stat, "clean")], col[("stat", name, stat, "adv")]
                 out[name][stat] = {
                     "clean_mean": _nanmean(clean),
                     "adv_mean": _nanmean(adv),
                     # how well this one statistic alone separates the two (0.5: not at all)
                     "separation_auroc": _separation(clean, adv),
                 }
-            out[name]["correlation_with_clean"] = {"adv_mean": _nanmean(col[f"stat.{name}.correlation_with_clean.adv"])}
+            correlation = col[("stat", name, "correlation_with_clean", "adv")]
+            out[name]["correlation_with_clean"] = {"adv_mean": _nanmean(correlation)}
         return out
 
     def _detection(self, col: Mapping[str, np.ndarray]):
         if self.pairs == "changed":
-            keep = col["l0"] > 0
+            keep = col[("outcome", "l0")] > 0
             col = {k: v[keep] for k, v in col.items()}
-        groups = [str(int(g)) for g in col["group"]]
+        groups = [str(int(g)) for g in col[("id", "group")]]
         if len(set(groups)) < 2:
             raise ValueError(
                 f"detection needs images of at least 2 patients that the attack changed, got {len(set(groups))}: "
                 "score more test images (data.test_subset) or a stronger attack (attack.eps)"
             )
-        feats = sorted({k[len("feature."): -len(".clean")] for k in col if k.startswith("feature.") and k.endswith(".clean")})
+        feats = sorted(key[1] for key in col if key[0] == "feature" and key[-1] == "clean")
         # `ce`: every CE feature (input-space and latent maps); with both, each alone as well (`ce_input`, `ce_latent`)
         sets = {"ce": feats}
         if len(self.explainers) > 1:
@@ -290,18 +298,18 @@ class AttackEvaluation(nn.Module):
         }
         curves: dict[str, tuple[np.ndarray, np.ndarray, float]] = {}
         for label, names in sets.items():
-            clean = np.stack([col[f"feature.{f}.clean"] for f in names], axis=1)
-            adv = np.stack([col[f"feature.{f}.adv"] for f in names], axis=1)
+            clean = np.stack([col[("feature", f, "clean")] for f in names], axis=1)
+            adv = np.stack([col[("feature", f, "adv")] for f in names], axis=1)
             detection[label], curves[label] = self._repeated(clean, adv, groups, self.detector)
-        for baseline in BASELINES:
-            clean, adv = col[f"baseline.{baseline}.clean"], col[f"baseline.{baseline}.adv"]
+        for baseline in BASELINE_DETECTORS:
+            clean, adv = col[("baseline", baseline, "clean")], col[("baseline", baseline, "adv")]
             detection[baseline], curves[baseline] = self._repeated(clean[:, None], adv[:, None], groups, "logistic")
         data = DetectionData(
-            features_clean=np.stack([col[f"feature.{f}.clean"] for f in feats], axis=1),
-            features_adv=np.stack([col[f"feature.{f}.adv"] for f in feats], axis=1),
+            features_clean=np.stack([col[("feature", f, "clean")] for f in feats], axis=1),
+            features_adv=np.stack([col[("feature", f, "adv")] for f in feats], axis=1),
             feature_names=feats,
             # 48-bit codes of the image and patient ids (the rows travel between processes as floats)
-            ids=[str(int(i)) for i in col["image"]],
+            ids=[str(int(i)) for i in col[("id", "image")]],
             groups=groups,
             seed=self.seed,
         )

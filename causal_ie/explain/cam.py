@@ -32,6 +32,9 @@ from pytorch_grad_cam.ablation_layer import AblationLayer
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import Tensor, nn
 
+from causal_ie.layers import backbone_of, find_layer
+from causal_ie.runtime import eval_mode
+
 __all__ = ["CAM_METHODS", "CAMExplainer", "auto_target_layer", "resolve_target_layer"]
 
 # canonical name -> pytorch-grad-cam class
@@ -54,14 +57,6 @@ CAM_ALIASES = {"gradcampp": "gradcam++", "gradcamplusplus": "gradcam++"}
 _CALL_KWARGS = ("aug_smooth", "eigen_smooth")
 
 
-def _backbone_and_prefix(model: nn.Module) -> tuple[nn.Module, str]:
-    """The timm network inside ``model`` (a Classifier's ``backbone``), and its name prefix."""
-    backbone = getattr(model, "backbone", None)
-    if isinstance(backbone, nn.Module):
-        return backbone, "backbone."
-    return model, ""
-
-
 def auto_target_layer(model: nn.Module) -> str:
     """Dotted name (from ``model``) of the last convolutional feature block of its backbone.
 
@@ -72,7 +67,7 @@ def auto_target_layer(model: nn.Module) -> str:
     ``feature_info`` entry (DenseNet: ``features.norm5``); a plain network
     its last ``Conv2d``.
     """
-    backbone, prefix = _backbone_and_prefix(model)
+    backbone, prefix = backbone_of(model)
     layer4 = getattr(backbone, "layer4", None)
     if isinstance(layer4, nn.Sequential) and len(layer4) > 0:
         return f"{prefix}layer4.{len(layer4) - 1}"
@@ -95,53 +90,30 @@ def auto_target_layer(model: nn.Module) -> str:
     return f"{prefix}{convs[-1]}"
 
 
-def _layer_name_examples(model: nn.Module) -> list[str]:
-    """Some names that :func:`resolve_target_layer` accepts, for error messages."""
-    backbone, prefix = _backbone_and_prefix(model)
-    names = [f"{prefix}{name}" for name, _ in backbone.named_children()]
-    for info in getattr(backbone, "feature_info", None) or []:
-        if isinstance(info, dict) and info.get("module"):
-            names.append(f"{prefix}{info['module']}")
-    with contextlib.suppress(ValueError):
-        names.insert(0, auto_target_layer(model))
-    return list(dict.fromkeys(names))
-
-
 def resolve_target_layer(model: nn.Module, target_layer: str = "auto") -> tuple[str, nn.Module]:
     """``(dotted name, module)`` of the CAM layer: :func:`auto_target_layer` for ``"auto"``,
-    else the named module, looked up from ``model`` and then from its backbone."""
+    else the named module, from ``model`` or from its backbone (:func:`causal_ie.layers.find_layer`)."""
     name = auto_target_layer(model) if target_layer == "auto" else target_layer
-    backbone, prefix = _backbone_and_prefix(model)
-    for root, root_prefix in ((model, ""), (backbone, prefix)):
-        try:
-            return f"{root_prefix}{name}", root.get_submodule(name)
-        except AttributeError:
-            continue
-    raise ValueError(
-        f"target_layer={target_layer!r} is not a module of {type(model).__name__}; "
-        f"valid names include {_layer_name_examples(model)[:12]}"
-    )
+    return find_layer(model, name, key="target_layer")
 
 
 @contextlib.contextmanager
 def _model_state_restored(model: nn.Module) -> Iterator[None]:
-    """Freeze the parameters for the call, and afterwards restore train/eval modes,
-    ``requires_grad`` flags and ``.grad`` of every parameter.
+    """Eval mode and frozen parameters for the call; afterwards every module's train/eval
+    mode, every parameter's ``requires_grad`` and ``.grad`` are as they were.
 
     pytorch-grad-cam puts the model in eval mode and clears its gradients;
     the caller's model must come back as it was. Frozen parameters also keep
     the CAM's backward pass from filling ``.grad`` (gradients flow to the
     activations through the input, which requires grad).
     """
-    modes = [(m, m.training) for m in model.modules()]
     params = [(p, p.requires_grad, p.grad) for p in model.parameters()]
     for p, _, _ in params:
         p.requires_grad_(False)
     try:
-        yield
+        with eval_mode(model):
+            yield
     finally:
-        for m, training in modes:
-            m.training = training
         for p, requires_grad, grad in params:
             p.requires_grad_(requires_grad)
             p.grad = grad

@@ -17,11 +17,12 @@ import torch
 from torch import Tensor, nn
 
 from causal_ie.interventions import (
+    AutoencoderSettings,
     AutoencoderSpace,
     InterventionSpec,
     autoencoder_space,
     causal_effect,
-    latent_map,
+    latent_effect,
     latent_split,
     superpixel_effect,
 )
@@ -116,7 +117,7 @@ class SuperpixelCE(CEExplainer):
 
 class LatentCE(CEExplainer):
     """CE of interventions on a feature map, as input-size maps (``conf/mask/latent.yaml``;
-    see :func:`causal_ie.interventions.latent_map`).
+    see :func:`causal_ie.interventions.latent_effect` with ``as_maps``).
 
     ``space``: ``activation`` intervenes on the layer's output itself; ``autoencoder`` on
     the bottleneck of an autoencoder trained on it (the paper's code), which must first
@@ -127,24 +128,20 @@ class LatentCE(CEExplainer):
 
     kind = "latent"
     SPACES = ("activation", "autoencoder")
-    AUTOENCODER_SETTINGS = ("hidden", "bottleneck", "steps", "lr", "tv_weight", "seed")
 
     def __init__(
         self,
         layer: str = "auto",
         mode: str = "spatial",
         space: str = "activation",
-        autoencoder: dict[str, Any] | None = None,
+        autoencoder: AutoencoderSettings | dict[str, Any] | None = None,
         intervention: InterventionSpec | None = None,
     ):
         if space not in self.SPACES:
             raise ValueError(f"latent.space must be one of {self.SPACES}, got {space!r}")
-        unknown = sorted(set(autoencoder or {}) - set(self.AUTOENCODER_SETTINGS))
-        if unknown:
-            raise ValueError(f"latent.autoencoder has unknown settings {unknown}; known: {self.AUTOENCODER_SETTINGS}")
         self.layer, self.mode = layer, mode
         self.intervention = intervention or InterventionSpec()
-        self.space, self.autoencoder = space, dict(autoencoder or {})
+        self.space, self.autoencoder = space, AutoencoderSettings.of(autoencoder)
         # the fitted AutoencoderSpace and (weakly) the classifier it was fitted to
         self._space: AutoencoderSpace | None = None
         self._fitted_to: weakref.ref[nn.Module] | None = None
@@ -157,8 +154,8 @@ class LatentCE(CEExplainer):
         if self.space != "autoencoder":
             raise ValueError(f"fit_autoencoder needs latent.space='autoencoder', this explainer has {self.space!r}")
         self._space = autoencoder_space(
-            model, self.layer, batches_factory, cache_dir=cache_dir, key=key, progress=self.intervention.progress,
-            **self.autoencoder,
+            model, self.layer, batches_factory, cache_dir=cache_dir, key=key, settings=self.autoencoder,
+            progress=self.intervention.progress,
         )
         self._fitted_to = weakref.ref(model)
         return self._space
@@ -178,7 +175,9 @@ class LatentCE(CEExplainer):
 
     def _maps(self, model: nn.Module, images: Tensor) -> Tensor:
         space = self._autoencoder_space(model) if self.space == "autoencoder" else None
-        return latent_map(model, images, layer=self.layer, mode=self.mode, space=space, spec=self.intervention)
+        return latent_effect(
+            model, images, layer=self.layer, mode=self.mode, space=space, as_maps=True, spec=self.intervention
+        )
 
 
 def _int_or_pair(value: Any) -> int | tuple[int, int]:

@@ -3,7 +3,7 @@
 - :func:`causal_effect`: sliding-window CE maps (Captum ``Occlusion``'s placement);
 - :func:`superpixel_effect`: CE of SLIC superpixels;
 - :func:`mask_effect`: CE of arbitrary binary masks;
-- :func:`latent_effect` / :func:`latent_map`: CE of interventions on a feature map
+- :func:`latent_effect`: CE of interventions on a feature map
   inside the network (:class:`LatentSplit` cuts the network with torch.fx);
   :func:`autoencoder_space`: the same through a trained autoencoder's bottleneck.
 
@@ -14,6 +14,7 @@
 
 from causal_ie.interventions.autoencoder import (
     ActivationAutoencoder,
+    AutoencoderSettings,
     AutoencoderSpace,
     autoencoder_space,
     total_variation,
@@ -34,7 +35,6 @@ from causal_ie.interventions.latent import (
     LatentSplit,
     auto_layer,
     latent_effect,
-    latent_map,
     latent_split,
     resolve_layer,
 )
@@ -46,6 +46,7 @@ __all__ = [
     "BASELINES",
     "OUTCOMES",
     "ActivationAutoencoder",
+    "AutoencoderSettings",
     "AutoencoderSpace",
     "Baseline",
     "InterventionSpec",
@@ -60,7 +61,6 @@ __all__ = [
     "blur",
     "causal_effect",
     "latent_effect",
-    "latent_map",
     "latent_split",
     "make_baseline",
     "mask_effect",

@@ -9,18 +9,20 @@ than one of the network's own, often redundant, channels.
 
 :class:`AutoencoderSpace` is a :class:`~causal_ie.interventions.latent.LatentSpace`
 (encode = prefix then encoder, decode = decoder then suffix), so
-:func:`~causal_ie.interventions.latent.latent_effect` and ``latent_map`` use it
+:func:`~causal_ie.interventions.latent.latent_effect` uses it
 unchanged. :func:`autoencoder_space` trains the autoencoder once per
 checkpoint, layer and setting and caches its weights on disk.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import itertools
 import json
 import logging
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,9 +31,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from causal_ie.runtime import eval_mode, to_model
 from causal_ie.interventions.latent import LatentSplit, latent_split
 from causal_ie.io import atomic_open
+from causal_ie.runtime import eval_mode, to_model
 
 log = logging.getLogger(__name__)
 
@@ -118,31 +120,58 @@ def _cycle(batches: Batches) -> Iterator[Tensor]:
             )
 
 
+@dataclass(frozen=True)
+class AutoencoderSettings:
+    """How the activation autoencoder is built and trained (``latent.autoencoder.*``).
+
+    ``hidden``/``bottleneck``: channels of the 3x3 convs C -> hidden -> bottleneck and back;
+    ``steps`` Adam steps at learning rate ``lr`` on L1(recon, A) + ``tv_weight`` * TV(recon);
+    ``seed`` seeds the initialisation.
+    """
+
+    hidden: int = 32
+    bottleneck: int = 16
+    steps: int = 500
+    lr: float = 1e-3
+    tv_weight: float = 0.01
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("hidden", "bottleneck", "steps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or int(value) != value or value < 1:
+                raise ValueError(f"latent.autoencoder.{name} must be a whole number >= 1, got {value!r}")
+        if not float(self.lr) > 0:
+            raise ValueError(f"latent.autoencoder.lr must be > 0, got {self.lr!r}")
+        if not float(self.tv_weight) >= 0:
+            raise ValueError(f"latent.autoencoder.tv_weight must be >= 0, got {self.tv_weight!r}")
+
+    @classmethod
+    def of(cls, settings: AutoencoderSettings | Mapping[str, Any] | None) -> AutoencoderSettings:
+        """Settings from a mapping (a Hydra block); unknown names are an error listing the known ones."""
+        if isinstance(settings, cls):
+            return settings
+        known = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(settings or {}) - set(known))
+        if unknown:
+            raise ValueError(f"latent.autoencoder has unknown settings {unknown}; known: {known}")
+        return cls(**dict(settings or {}))
+
+
 def train_autoencoder(
-    split: LatentSplit,
-    batches: Batches,
-    *,
-    hidden: int = 32,
-    bottleneck: int = 16,
-    steps: int = 500,
-    lr: float = 1e-3,
-    tv_weight: float = 0.01,
-    seed: int = 0,
-    progress: bool = False,
+    split: LatentSplit, batches: Batches, settings: AutoencoderSettings | None = None, *, progress: bool = False
 ) -> ActivationAutoencoder:
     """Fit an :class:`ActivationAutoencoder` to the activations of ``split`` (the cut layer).
 
-    ``batches``: images [B, C, H, W], cycled until ``steps`` Adam steps (or a function
-    returning a fresh iterable per pass). Loss: L1(recon, A) + ``tv_weight`` * TV(recon).
-    The classifier stays frozen: A is computed in eval mode under ``no_grad``, so its
-    parameters never get gradients. The initialisation is seeded from ``seed`` inside a
-    forked RNG, leaving the global RNG untouched. Returns the autoencoder in eval mode,
-    frozen, with ``reconstruction_l1`` / ``activation_l1`` measured over the last tenth
-    of the steps.
+    ``batches``: images [B, C, H, W], cycled until ``settings.steps`` Adam steps (or a function
+    returning a fresh iterable per pass). The classifier stays frozen: A is computed in eval
+    mode under ``no_grad``, so its parameters never get gradients. The initialisation is
+    seeded from ``settings.seed`` inside a forked RNG, leaving the global RNG untouched.
+    Returns the autoencoder in eval mode, frozen, with ``reconstruction_l1`` /
+    ``activation_l1`` measured over the last tenth of the steps.
     """
-    if int(steps) < 1:
-        raise ValueError(f"autoencoder steps must be >= 1, got {steps}")
-    steps = int(steps)
+    settings = settings or AutoencoderSettings()
+    steps, lr, tv_weight = int(settings.steps), float(settings.lr), float(settings.tv_weight)
     tail = max(1, steps // 10)
     stream = _cycle(batches)
     errors: list[Tensor] = []
@@ -161,8 +190,8 @@ def train_autoencoder(
                         f"got shape {tuple(activation.shape)}"
                     )
                 with torch.random.fork_rng(devices=[]):
-                    torch.default_generator.manual_seed(int(seed))
-                    autoencoder = ActivationAutoencoder(activation.shape[1], hidden, bottleneck)
+                    torch.default_generator.manual_seed(int(settings.seed))
+                    autoencoder = ActivationAutoencoder(activation.shape[1], settings.hidden, settings.bottleneck)
                 autoencoder = autoencoder.to(activation.device).train()
                 optimiser = torch.optim.Adam(autoencoder.parameters(), lr=lr)
             assert optimiser is not None
@@ -207,10 +236,11 @@ class AutoencoderSpace(nn.Module):
         return self.decode(latent, context, torch.arange(x.shape[0], device=latent.device))
 
 
-def cache_path(cache_dir: str | Path, key: str, layer: str, settings: dict[str, Any]) -> Path:
+def cache_path(cache_dir: str | Path, key: str, layer: str, settings: AutoencoderSettings) -> Path:
     """``cache_dir/autoencoders/<hash>.pt``, the hash over everything the weights depend on."""
+    numbers = {k: (float(v) if k in ("lr", "tv_weight") else int(v)) for k, v in dataclasses.asdict(settings).items()}
     identity = json.dumps(
-        {"version": CACHE_VERSION, "key": key, "layer": layer, **settings}, sort_keys=True, default=str
+        {"version": CACHE_VERSION, "key": key, "layer": layer, **numbers}, sort_keys=True, default=str
     )
     digest = hashlib.sha256(identity.encode()).hexdigest()[:20]
     return Path(cache_dir) / "autoencoders" / f"{digest}.pt"
@@ -223,12 +253,7 @@ def autoencoder_space(
     *,
     cache_dir: str | Path,
     key: str,
-    hidden: int = 32,
-    bottleneck: int = 16,
-    steps: int = 500,
-    lr: float = 1e-3,
-    tv_weight: float = 0.01,
-    seed: int = 0,
+    settings: AutoencoderSettings | None = None,
     progress: bool = False,
 ) -> AutoencoderSpace:
     """:class:`AutoencoderSpace` of ``model`` at ``layer``, the autoencoder loaded from the cache
@@ -240,8 +265,7 @@ def autoencoder_space(
     is retrained over, with a warning.
     """
     split = latent_split(model, layer)
-    settings = dict(hidden=int(hidden), bottleneck=int(bottleneck), steps=int(steps), lr=float(lr),
-                    tv_weight=float(tv_weight), seed=int(seed))
+    settings = settings or AutoencoderSettings()
     path = cache_path(cache_dir, key, split.layer, settings)
     reference = next(itertools.chain(model.parameters(), model.buffers()), torch.empty(0))
     device = reference.device
@@ -251,7 +275,7 @@ def autoencoder_space(
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
             autoencoder = ActivationAutoencoder.from_state_dict(state)
-            if (autoencoder.hidden, autoencoder.bottleneck) != (settings["hidden"], settings["bottleneck"]):
+            if (autoencoder.hidden, autoencoder.bottleneck) != (settings.hidden, settings.bottleneck):
                 raise ValueError(f"shape {autoencoder.hidden}/{autoencoder.bottleneck} does not match the settings")
         except Exception as error:  # a stale or truncated file is never fatal: train again
             log.warning("cannot read the cached autoencoder %s (%s): training it again", path, error)
@@ -260,7 +284,7 @@ def autoencoder_space(
             autoencoder = autoencoder.to(device).eval().requires_grad_(False)
             log.info("autoencoder for %s loaded from %s", split.layer, path)
     if autoencoder is None:
-        autoencoder = train_autoencoder(split, batches_factory, **settings, progress=progress)
+        autoencoder = train_autoencoder(split, batches_factory, settings, progress=progress)
         with atomic_open(path, "wb") as f:
             torch.save(autoencoder.state_dict(), f)
         log.info("autoencoder for %s cached at %s", split.layer, path)

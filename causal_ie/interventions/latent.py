@@ -16,9 +16,9 @@ decoder) plugs into :func:`latent_effect` through ``space=`` unchanged.
 
 from __future__ import annotations
 
-import difflib
 import itertools
 import weakref
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import torch
@@ -30,6 +30,7 @@ from causal_ie.interventions.baselines import Baseline
 from causal_ie.interventions.engine import check_images, region_effects
 from causal_ie.interventions.spec import InterventionSpec
 from causal_ie.interventions.windows import WindowGrid
+from causal_ie.layers import backbone_of, find_layer, layer_suggestions
 from causal_ie.runtime import eval_mode, to_model
 
 LATENT_MODES = ("spatial", "channel")
@@ -56,16 +57,10 @@ class LatentSpace(Protocol):
 # ---------------------------------------------------------------- choosing the layer
 
 
-def _backbone(model: nn.Module) -> tuple[nn.Module, str]:
-    """The timm network inside ``model`` and its name prefix (a Classifier keeps it in ``backbone``)."""
-    inner = getattr(model, "backbone", None)
-    return (inner, "backbone.") if isinstance(inner, nn.Module) else (model, "")
-
-
 def auto_layer(model: nn.Module) -> str:
     """A mid-level layer: :data:`AUTO_LAYERS` by backbone class, else the middle of timm's
     ``feature_info``."""
-    backbone, prefix = _backbone(model)
+    backbone, prefix = backbone_of(model)
     names = dict(backbone.named_modules())
     layer = AUTO_LAYERS.get(type(backbone).__name__)
     if layer in names:
@@ -76,20 +71,8 @@ def auto_layer(model: nn.Module) -> str:
         return prefix + modules[len(modules) // 2]
     raise ValueError(
         f"layer='auto' does not know {type(backbone).__name__}: pass the layer name, e.g. one of "
-        f"{_some_names(model)}"
+        f"{layer_suggestions(model)}"
     )
-
-
-def _some_names(model: nn.Module, near: str = "", limit: int = 12) -> list[str]:
-    """Names worth suggesting: those most like ``near``, then the backbone's stages."""
-    backbone, prefix = _backbone(model)
-    relative = [name for name, _ in backbone.named_modules() if name]
-    close = difflib.get_close_matches(near, relative, n=4, cutoff=0.5) if near else []
-    stages = [name for name, _ in backbone.named_children()]
-    info = getattr(backbone, "feature_info", None) or []
-    stages += [entry["module"] for entry in info if entry["module"] not in stages]
-    names = list(dict.fromkeys(prefix + name for name in close + stages))
-    return names[:limit]
 
 
 def resolve_layer(model: nn.Module, layer: str) -> str:
@@ -97,14 +80,7 @@ def resolve_layer(model: nn.Module, layer: str) -> str:
     given relative to a Classifier's backbone. ValueError listing valid names otherwise."""
     if layer == "auto":
         return auto_layer(model)
-    names = dict(model.named_modules())
-    if layer in names and layer:
-        return layer
-    _, prefix = _backbone(model)
-    if prefix and prefix + layer in names:
-        return prefix + layer
-    raise ValueError(f"layer={layer!r} is not a module of {type(model).__name__}; valid names include "
-                     f"{_some_names(model, layer)}")
+    return find_layer(model, layer)[0]
 
 
 # ---------------------------------------------------------------- the split
@@ -141,26 +117,24 @@ class _SplitTracer(fx.Tracer):
         return out
 
 
-def _descendants(node: fx.Node) -> set[fx.Node]:
+def _reachable(start: list[fx.Node], step: Callable[[fx.Node], list[fx.Node]]) -> set[fx.Node]:
+    """Nodes reachable from ``start`` by following ``step`` (``start`` included)."""
     seen: set[fx.Node] = set()
-    todo = list(node.users)
+    todo = list(start)
     while todo:
         n = todo.pop()
         if n not in seen:
             seen.add(n)
-            todo.extend(n.users)
+            todo.extend(step(n))
     return seen
+
+
+def _descendants(node: fx.Node) -> set[fx.Node]:
+    return _reachable(list(node.users), lambda n: list(n.users))
 
 
 def _ancestors(nodes: list[fx.Node]) -> set[fx.Node]:
-    seen: set[fx.Node] = set()
-    todo = list(nodes)
-    while todo:
-        n = todo.pop()
-        if n not in seen:
-            seen.add(n)
-            todo.extend(n.all_input_nodes)
-    return seen
+    return _reachable(nodes, lambda n: n.all_input_nodes)
 
 
 class LatentSplit(nn.Module):
@@ -342,6 +316,7 @@ def latent_effect(
     layer: str = "auto",
     mode: str = "spatial",
     space: LatentSpace | None = None,
+    as_maps: bool = False,
     spec: InterventionSpec | None = None,
     **settings: Any,
 ) -> Tensor:
@@ -352,31 +327,17 @@ def latent_effect(
     set -> [N, K, C_A]. The spec's ``baseline``: ``zero``, ``mean`` (the channel's
     spatial mean in that image) or a float. ``space`` replaces the fx split (``layer``
     is then ignored). ``spec`` and ``settings`` as in :func:`causal_ie.interventions.causal_effect`.
-    """
-    spec = InterventionSpec.resolve(spec, **settings)
-    effects, _ = _latent_effects(model, x, layer, mode, space, spec)
-    return effects.to(x.device)
 
-
-def latent_map(
-    model: nn.Module,
-    x: Tensor,
-    *,
-    layer: str = "auto",
-    mode: str = "spatial",
-    space: LatentSpace | None = None,
-    spec: InterventionSpec | None = None,
-    **settings: Any,
-) -> Tensor:
-    """Latent CE as maps [N, K, H, W] at the input's size (bilinear, align_corners=False).
-
-    ``spatial``: the cell effects upsampled. ``channel``: channel effects spread
-    over space by where each channel is active,
-    ``sum_c CE_c |A_c| / sum_c |A_c|`` (0 where A is all zero), upsampled: a
-    channel's effect is attributed to the places that carry it.
+    ``as_maps``: maps [N, K, H, W] at the input's size instead (bilinear,
+    align_corners=False): ``spatial`` cell effects upsampled; ``channel`` effects
+    spread over space by where each channel is active, ``sum_c CE_c |A_c| / sum_c |A_c|``
+    (0 where A is all zero), then upsampled: a channel's effect is attributed to the
+    places that carry it.
     """
     spec = InterventionSpec.resolve(spec, **settings)
     effects, latent = _latent_effects(model, x, layer, mode, space, spec)
+    if not as_maps:
+        return effects.to(x.device)
     if mode == "channel":
         magnitude = latent.abs().to(effects.dtype)
         total = magnitude.sum(dim=1, keepdim=True)
