@@ -91,7 +91,7 @@ def test_evaluation_config_groups_compose(config, group, option, tmp_path):
     ],
 )
 def test_latent_mask_follows_the_latent_block(overrides, space, mode, tmp_path):
-    """DESIGN's `mask=latent latent.space=autoencoder` configures the main (latent) CE."""
+    """`mask=latent latent.space=autoencoder` (the paper's code) configures the main (latent) CE."""
     cfg = compose_config("evaluate", overrides, tmp_path)
     explainer = instantiate(cfg.mask, _convert_="all")
     assert (explainer.space, explainer.mode) == (space, mode)

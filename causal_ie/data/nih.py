@@ -1,6 +1,6 @@
 """ChestX-ray14 (NIH): metadata, radiologist boxes, splits, image files and the data set.
 
-Reads the folder exactly as the NIH download unpacks (see DESIGN.md section 2):
+Reads the folder exactly as the NIH download unpacks:
 ``Data_Entry_2017_v2020.csv`` (or ``Data_Entry_2017.csv``, either ``.gz``),
 ``BBox_List_2017.csv``, ``train_val_list.txt`` / ``test_list.txt`` and the
 images under ``images/`` or the tarballs' ``images_001/images/`` ...
