@@ -176,7 +176,7 @@ def test_eps_zero_leaves_images_unchanged(batch):
         ({"name": "cw", "target": "all"}, "cannot attack target=all"),
         ({"name": "apgd", "eps": 0.1, "norm": "Linf", "loss": "dlr"}, "use attack.loss=ce"),
         ({"name": "pgd", "eps": 0.1, "mode": "evil"}, "attack.mode='evil'"),
-        ({"name": "pgd", "eps": 0.1, "steps": 0}, "attack.steps must be >= 1"),
+        ({"name": "pgd", "eps": 0.1, "steps": 0}, "attack.steps must be a whole number >= 1"),
     ],
 )
 def test_bad_attack_settings_fail_clearly(kwargs, message):
@@ -195,3 +195,99 @@ def test_inputs_outside_the_unit_box_are_rejected(batch):
     images, labels = batch
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         MultiLabelAttack("fgsm", eps=0.01)(TinyNet(), images * 3, labels)
+
+
+# ---------------------------------------------------------------- ranges that keep runs finite
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"name": "pgd", "eps": 5}, r"attack.eps=5.0 is an L-inf radius in \[0,1\] pixel units and must lie in \[0, 1\]"),
+        ({"name": "fgsm", "eps": 1.5}, r"attack.eps=1.5 is an L-inf radius"),
+        ({"name": "bim", "eps": 2}, r"attack.eps=2.0 is an L-inf radius"),
+        ({"name": "apgd", "eps": 5, "norm": "Linf"}, r"attack.eps=5.0 is an L-inf radius"),
+        ({"name": "square", "eps": 5, "norm": "Linf"}, r"attack.eps=5.0 is an L-inf radius"),
+        ({"name": "pgd", "eps": float("nan")}, "attack.eps must be >= 0, got nan"),
+        ({"name": "pgdl2", "eps": float("inf")}, "attack.eps must be finite"),
+        ({"name": "pgd", "eps": "big"}, "attack.eps must be a number, got 'big'"),
+        ({"name": "pgd", "eps": 0.1, "steps": 2.5}, "attack.steps must be a whole number >= 1, got 2.5"),
+        ({"name": "pgd", "eps": 0.1, "steps": True}, "attack.steps must be a number, got True"),
+        ({"name": "pgd", "eps": 0.1, "steps": "ten"}, "attack.steps must be a number, got 'ten'"),
+        ({"name": "bim", "eps": 0.1, "steps": 0}, "attack.steps must be a whole number >= 1, got 0"),
+        ({"name": "square", "eps": 0.1, "norm": "Linf", "n_queries": 0}, "attack.n_queries must be a whole number >= 1"),
+        ({"name": "square", "eps": 0.1, "norm": "Linf", "n_restarts": -1}, "attack.n_restarts must be a whole number >= 1"),
+        ({"name": "apgd", "eps": 0.1, "norm": "Linf", "eot_iter": 0}, "attack.eot_iter must be a whole number >= 1"),
+        ({"name": "pgd", "eps": 0.1, "alpha": 0}, "attack.alpha must be a finite number > 0, got 0.0"),
+        ({"name": "bim", "eps": 0.1, "alpha": -0.01}, "attack.alpha must be a finite number > 0"),
+        ({"name": "pgdl2", "eps": 0.1, "alpha": float("nan")}, "attack.alpha must be a finite number > 0"),
+        ({"name": "cw", "c": 0}, "attack.c must be a finite number > 0"),
+        ({"name": "cw", "lr": -1}, "attack.lr must be a finite number > 0"),
+        ({"name": "cw", "kappa": -1}, "attack.kappa (CW's confidence margin) must be a finite number >= 0"),
+        ({"name": "square", "eps": 0.1, "norm": "Linf", "p_init": 1.5}, "attack.p_init (Square's initial share"),
+        ({"name": "square", "eps": 0.1, "norm": "Linf", "p_init": 0}, "must lie in (0, 1], got 0.0"),
+        ({"name": "apgd", "eps": 0.1, "norm": "Linf", "rho": 0}, "attack.rho (APGD's step-size halving threshold)"),
+    ],
+)
+def test_out_of_range_attack_settings_fail_clearly(kwargs, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)") if "\\" not in message else message):
+        MultiLabelAttack(**kwargs)
+
+
+@pytest.mark.parametrize("name", ["fgsm", "pgd", "bim"])
+def test_linf_eps_bounds_are_inclusive(name, batch):
+    images, labels = batch
+    extra = {} if name == "fgsm" else {"alpha": None, "steps": 2}
+    for eps in (0.0, 1.0):
+        out = MultiLabelAttack(name, eps=eps, **extra)(TinyNet(), images, labels)
+        assert out.images.min() >= 0 and out.images.max() <= 1
+
+
+def test_eps_config_override_is_checked_on_instantiation(tmp_path):
+    with pytest.raises(Exception, match=r"attack.eps=5.0 is an L-inf radius"):
+        _compose_attack("pgd", "attack.eps=5", tmp_path=tmp_path)
+
+
+@pytest.mark.parametrize(("name", "extra"), [("pgdl2", {"alpha": None, "steps": 2}), ("apgd", {"norm": "L2", "steps": 2})])
+def test_l2_eps_at_most_the_norm_of_an_all_ones_image(name, extra, batch):
+    images, labels = batch  # 1x12x12: an all-ones image has L2 norm 12
+    MultiLabelAttack(name, eps=12.0, **extra)(TinyNet(), images, labels)
+    attack = MultiLabelAttack(name, eps=12.5, **extra)  # the bound needs the image size
+    with pytest.raises(ValueError, match=r"attack.eps=12.5 is an L2 radius larger than the L2 norm of an all-ones 1x12x12 image \(12\)"):
+        attack(TinyNet(), images, labels)
+
+
+def test_bim_steps_default_is_explicit():
+    # torchattacks' BIM reads steps=0 as min(255 eps + 4, 1.25 * 255 eps) steps; ours never passes 0
+    attack = MultiLabelAttack("bim", eps=0.5)
+    assert attack.params["steps"] == 10
+    assert attack.build(TinyNet()).steps == 10
+
+
+class NaNColumn(TinyNet):
+    """TinyNet that does not predict finding B (NaN logits, as XRVClassifier's missing findings)."""
+
+    def forward(self, x):
+        out = super().forward(x)
+        out = out.clone()
+        out[:, 1] = float("nan")
+        return out
+
+
+def test_findings_with_nan_logits_are_never_attacked(batch):
+    images, labels = batch
+    model = NaNColumn()
+    with torch.no_grad():
+        model.net[-1].bias[1] = 100.0  # B would be every image's top finding if it were a number
+    top = MultiLabelAttack("pgd", eps=0.05, alpha=None, steps=3)(model, images, labels)
+    assert not top.attacked[:, 1].any() and top.attacked.sum(1).eq(1).all()
+    everything = MultiLabelAttack("pgd", target="all", eps=0.05, alpha=None, steps=3)(model, images, labels)
+    assert everything.attacked[:, [0, 2, 3]].all() and not everything.attacked[:, 1].any()
+    assert (everything.images - images).abs().sum() > 0 and torch.isfinite(everything.images).all()
+    # the mean BCE over the predicted findings rose
+    keep = [0, 2, 3]
+    clean = F.binary_cross_entropy_with_logits(model(images)[:, keep], labels[:, keep])
+    adv = F.binary_cross_entropy_with_logits(model(everything.images)[:, keep], labels[:, keep])
+    assert adv > clean
+    with pytest.raises(ValueError, match=r"attack.target='B': the classifier does not predict this finding.*A, C, D"):
+        MultiLabelAttack("fgsm", target="B", eps=0.01)(model, images, labels)

@@ -86,3 +86,102 @@ def test_load_rejects_foreign_checkpoint(tmp_path):
     torch.save({"model": {}}, path)
     with pytest.raises(ValueError, match="not a causal_ie Classifier checkpoint"):
         Classifier.load(path)
+
+
+# ---------------------------------------------------------------- corrupt or foreign checkpoint files
+
+
+@pytest.fixture(scope="module")
+def saved_checkpoint(tmp_path_factory):
+    """A real train.py-style Lightning checkpoint of a small classifier."""
+    model = Classifier(backbone="test_resnet", image_size=32)
+    trainer = L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    trainer.strategy.connect(model)
+    path = tmp_path_factory.mktemp("ckpt") / "best.ckpt"
+    trainer.save_checkpoint(path)
+    return path
+
+
+def _expect_load_error(path, *fragments):
+    with pytest.raises(ValueError) as err:
+        Classifier.load(path)
+    message = str(err.value)
+    assert str(path) in message, message  # names the file
+    assert "Lightning checkpoint written by train.py" in message and "checkpoints/best.ckpt" in message, message
+    for fragment in fragments:
+        assert fragment in message, message
+    return message
+
+
+def test_load_text_file_names_the_file(tmp_path):
+    path = tmp_path / "notes.txt"
+    path.write_text("remember to train the model first\n")
+    message = _expect_load_error(path, "not a torch checkpoint")
+    assert "Unsupported operand" not in message.split("(")[0]
+
+
+def test_load_empty_file_names_the_file(tmp_path):
+    path = tmp_path / "best.ckpt"
+    path.touch()
+    _expect_load_error(path, "is empty")
+
+
+def test_load_truncated_checkpoint_names_the_file(tmp_path, saved_checkpoint):
+    data = saved_checkpoint.read_bytes()
+    path = tmp_path / "best.ckpt"
+    path.write_bytes(data[: len(data) // 2])
+    _expect_load_error(path, "truncated or corrupt")
+
+
+class NotACheckpoint:
+    """Some object a user might have saved with torch.save."""
+
+
+@pytest.mark.parametrize("obj", ["list", "tensor", "object", "plain_pickle"])
+def test_load_pickle_of_something_else_names_the_file(obj, tmp_path):
+    import pickle
+
+    path = tmp_path / "other.ckpt"
+    if obj == "list":
+        torch.save([1, 2, 3], path)
+        _expect_load_error(path, "holds a list")
+    elif obj == "tensor":
+        torch.save(torch.zeros(3), path)
+        _expect_load_error(path, "holds a Tensor")
+    elif obj == "object":  # torch.save of an arbitrary class: weights_only refuses it
+        torch.save(NotACheckpoint(), path)
+        _expect_load_error(path, "holds objects other than tensors", "NotACheckpoint")
+    else:
+        with path.open("wb") as f:
+            pickle.dump({"state_dict": {}}, f, protocol=2)
+        _expect_load_error(path, "not a torch checkpoint but a plain pickle")
+
+
+def test_load_state_dict_without_hyper_parameters_names_the_file(tmp_path):
+    model = Classifier(backbone="test_resnet", image_size=32)
+    bare = tmp_path / "weights.pt"
+    torch.save(model.state_dict(), bare)
+    _expect_load_error(bare, "no 'hyper_parameters'")
+    nested = tmp_path / "nested.ckpt"
+    torch.save({"state_dict": model.state_dict(), "epoch": 3}, nested)
+    _expect_load_error(nested, "no 'hyper_parameters'", "found keys ['epoch', 'state_dict']")
+
+
+def test_load_checkpoint_of_a_different_model_names_the_file(tmp_path, saved_checkpoint):
+    ckpt = torch.load(saved_checkpoint, weights_only=True)
+    ckpt["hyper_parameters"]["not_a_setting"] = 1
+    path = tmp_path / "newer.ckpt"
+    torch.save(ckpt, path)
+    _expect_load_error(path, "hyper_parameters", "not_a_setting")
+    ckpt = torch.load(saved_checkpoint, weights_only=True)
+    ckpt["state_dict"] = {k: v for k, v in ckpt["state_dict"].items() if "fc" not in k}
+    path = tmp_path / "partial.ckpt"
+    torch.save(ckpt, path)
+    _expect_load_error(path, "weights do not fit", "fc")
+
+
+def test_load_directory_or_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        Classifier.load(tmp_path / "missing.ckpt")
+    with pytest.raises(FileNotFoundError, match="is a directory"):
+        Classifier.load(tmp_path)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -41,6 +42,24 @@ STEP_SIZE_FACTOR = 2.5
 TARGETS_HELP = "'top' (each image's most likely finding), 'all' (every finding) or a finding name"
 
 
+def _number(key: str, value: Any) -> float:
+    """``attack.<key>`` as a float; ValueError naming the key for anything else (booleans too)."""
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        return float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"attack.{key} must be a number, got {value!r}") from None
+
+
+def _count(key: str, value: Any) -> int:
+    """``attack.<key>`` as a whole number >= 1 (2.5 steps is a typo, not 2)."""
+    number = _number(key, value)
+    if not (math.isfinite(number) and number == int(number) and number >= 1):
+        raise ValueError(f"attack.{key} must be a whole number >= 1, got {value!r}")
+    return int(number)
+
+
 @dataclass
 class Adversarial:
     """Adversarial images and what the attack aimed at.
@@ -54,6 +73,19 @@ class Adversarial:
     attacked: Tensor
     goal: Tensor
     targeted: bool
+
+
+class _Columns(nn.Module):
+    """``model``'s logits restricted to ``columns`` (the findings it predicts), in its training mode."""
+
+    def __init__(self, model: nn.Module, columns: Tensor):
+        super().__init__()
+        self.model = model
+        self.register_buffer("columns", columns.detach().clone().long())
+        self.train(model.training)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model(x).index_select(1, self.columns.to(x.device))
 
 
 class MultiLabelAttack:
@@ -117,27 +149,76 @@ class MultiLabelAttack:
         return fixed
 
     def _check_eps(self, eps: float | None) -> float | None:
+        """``attack.eps`` as a float: finite, >= 0 (0 leaves images unchanged, a control), and for
+        L-inf at most 1, the whole [0, 1] pixel range (the L2 bound needs the image size and is
+        checked when the images come, :meth:`check_eps_fits`)."""
         if self.name == "cw":
             if eps is not None:
                 raise ValueError("attack=cw finds a minimal L2 perturbation and has no attack.eps; tune attack.c")
             return None
         if eps is None:
             raise ValueError(f"attack={self.name} needs attack.eps (the perturbation radius in [0,1] pixel units)")
-        eps = float(eps)
+        eps = _number("eps", eps)
         if not eps >= 0:
             raise ValueError(f"attack.eps must be >= 0, got {eps}")
+        if not math.isfinite(eps):
+            raise ValueError(f"attack.eps must be finite, got {eps}")
+        if self.norm == "Linf" and eps > 1:
+            raise ValueError(
+                f"attack.eps={eps} is an L-inf radius in [0,1] pixel units and must lie in [0, 1] "
+                f"(1 already allows any image; 1/255 ~ 0.004 is one grey level)"
+            )
         return eps
 
+    def check_eps_fits(self, images: Tensor) -> None:
+        """An L2 radius can be at most the L2 norm of an all-ones image, sqrt(C*H*W): no image
+        in [0, 1] is farther from another."""
+        if self.eps is None or self.norm != "L2":
+            return
+        bound = math.sqrt(images[0].numel())
+        if self.eps > bound:
+            shape = "x".join(str(d) for d in images.shape[1:])
+            raise ValueError(
+                f"attack.eps={self.eps} is an L2 radius larger than the L2 norm of an all-ones {shape} image "
+                f"({bound:.4g}), the largest distance between two images in [0, 1]; expected attack.eps in [0, {bound:.4g}]"
+            )
+
     def _check_params(self, params: dict[str, Any]) -> dict[str, Any]:
+        """The torchattacks arguments, checked: known names, counts whole and >= 1, step sizes
+        finite and > 0, shares in their range, so no setting makes an attack loop for ever
+        or stand still."""
         cls = ATTACKS[self.name]
-        allowed = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "model", "eps", "norm")]
+        signature = inspect.signature(cls.__init__).parameters
+        allowed = [p for p in signature if p not in ("self", "model", "eps", "norm")]
         unknown = sorted(set(params) - set(allowed))
         if unknown:
             raise ValueError(f"attack={self.name} has no parameter {', '.join(unknown)}; its parameters: {', '.join(allowed)}")
         params = dict(params)
+        for key in ("steps", "n_queries", "n_restarts", "eot_iter"):
+            if key in params:
+                params[key] = _count(key, params[key])
+        if "steps" in signature and "steps" not in params:
+            # torchattacks' default, explicit: its BIM reads steps=0 as min(255 eps + 4, 1.25 * 255 eps)
+            params["steps"] = signature["steps"].default
+        for key in ("alpha", "lr", "c"):
+            if params.get(key) is not None:
+                params[key] = _number(key, params[key])
+                if not (math.isfinite(params[key]) and params[key] > 0):
+                    raise ValueError(f"attack.{key} must be a finite number > 0, got {params[key]}")
         if "alpha" in params and params["alpha"] is None:
-            steps = params.get("steps") or inspect.signature(cls.__init__).parameters["steps"].default
-            params["alpha"] = STEP_SIZE_FACTOR * self.eps / max(int(steps), 1)
+            params["alpha"] = STEP_SIZE_FACTOR * self.eps / params["steps"]
+        if "kappa" in params:
+            params["kappa"] = _number("kappa", params["kappa"])
+            if not (math.isfinite(params["kappa"]) and params["kappa"] >= 0):
+                raise ValueError(f"attack.kappa (CW's confidence margin) must be a finite number >= 0, got {params['kappa']}")
+        for key, low, high, what in (
+            ("p_init", 0.0, 1.0, "Square's initial share of the image a square covers"),
+            ("rho", 0.0, 1.0, "APGD's step-size halving threshold"),
+        ):
+            if key in params:
+                params[key] = _number(key, params[key])
+                if not low < params[key] <= high:
+                    raise ValueError(f"attack.{key} ({what}) must lie in ({low:g}, {high:g}], got {params[key]}")
         if self.name == "apgd" and params.get("loss", "ce") != "ce":
             raise ValueError(
                 f"attack.loss={params['loss']!r}: APGD-DLR needs at least 3 classes and an attacked "
@@ -145,9 +226,6 @@ class MultiLabelAttack:
             )
         if self.name == "square" and params.get("loss", "margin") not in ("margin", "ce"):
             raise ValueError(f"attack.loss={params['loss']!r}: expected 'margin' or 'ce'")
-        for key in ("steps", "n_queries", "n_restarts"):
-            if key in params and int(params[key]) < 1:
-                raise ValueError(f"attack.{key} must be >= 1, got {params[key]}")
         return params
 
     def finding_index(self, findings: Sequence[str]) -> int | None:
@@ -180,6 +258,7 @@ class MultiLabelAttack:
         """
         if images.min() < 0 or images.max() > 1:
             raise ValueError("attack inputs must lie in [0, 1] (the classifier normalises them itself)")
+        self.check_eps_fits(images)
         labels = labels.float()
         # the attack sees the model in eval mode (BatchNorm statistics frozen, no dropout);
         # every submodule gets its own mode back, whatever torchattacks did in between
@@ -196,10 +275,22 @@ class MultiLabelAttack:
         if names is None and self.target not in ("top", "all"):
             raise ValueError(f"attack.target={self.target!r} needs the classifier's finding names (pass findings=)")
         fixed = None if names is None else self.finding_index(names)
+        # findings the classifier does not predict come as NaN logits (a pretrained network
+        # without them, e.g. XRVClassifier.missing_findings): never attack those
+        missing = torch.isnan(clean_logits).any(dim=0)
+        if missing.all():
+            raise ValueError("the classifier's logits are NaN for every finding: there is nothing to attack")
+        if fixed is not None and missing[fixed]:
+            predicted = [str(name) for name, gone in zip(names, missing.tolist()) if not gone]
+            raise ValueError(
+                f"attack.target={self.target!r}: the classifier does not predict this finding (its logits are NaN); "
+                f"expected one it predicts: {', '.join(predicted)}"
+            )
+        columns = torch.nonzero(~missing).flatten() if missing.any() else None
         if self.target == "all":
             groups = [(torch.arange(n, device=images.device), None)]
         elif self.target == "top":
-            top = clean_logits.argmax(dim=1)
+            top = clean_logits.masked_fill(missing, float("-inf")).argmax(dim=1)
             groups = [(torch.nonzero(top == j).flatten(), j) for j in torch.unique(top).tolist()]
         else:
             groups = [(torch.arange(n, device=images.device), fixed)]
@@ -208,11 +299,21 @@ class MultiLabelAttack:
         attacked = torch.zeros_like(labels, dtype=torch.bool)
         adv = images.clone()
         for idx, finding in groups:
-            attacked[idx, slice(None) if finding is None else finding] = True
-            adv[idx] = self._attack_group(model, images[idx], goal[idx], finding, targeted)
+            if finding is not None:
+                attacked[idx, finding] = True
+            elif columns is None:
+                attacked[idx] = True
+            else:
+                attacked[idx[:, None], columns] = True
+            adv[idx] = self._attack_group(model, images[idx], goal[idx], finding, targeted, columns)
         return Adversarial(images=adv.detach(), attacked=attacked, goal=goal, targeted=targeted)
 
-    def _attack_group(self, model: nn.Module, images: Tensor, goal: Tensor, finding: int | None, targeted: bool) -> Tensor:
+    def _attack_group(
+        self, model: nn.Module, images: Tensor, goal: Tensor, finding: int | None, targeted: bool,
+        columns: Tensor | None = None,
+    ) -> Tensor:
+        if finding is None and columns is not None:  # target=all: only the findings the model predicts
+            model, goal = _Columns(model, columns), goal[:, columns]
         atk = self.build(FindingLogits(model, finding))
         labels = (goal if finding is None else goal[:, finding]).long()
         if targeted and "targeted" in atk.supported_mode:

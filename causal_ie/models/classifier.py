@@ -92,6 +92,46 @@ def build_adv_attack(settings: Mapping[str, Any] | None) -> "MultiLabelAttack | 
         raise ValueError(f"model.adv_train: {err}") from err
 
 
+CHECKPOINT_EXPECTED = (
+    "expected a Lightning checkpoint written by train.py (checkpoints/best.ckpt of a train run, "
+    "e.g. outputs/train/<time>/checkpoints/best.ckpt)"
+)
+# the first bytes of a zip archive: torch.save's format since torch 1.6
+_ZIP_MAGIC = b"PK\x03\x04"
+
+
+def read_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> Mapping[str, Any]:
+    """``torch.load(path, weights_only=True)`` of a checkpoint mapping; ValueError naming ``path``
+    and saying what is wrong (empty, truncated, not a torch file, not a mapping) otherwise."""
+    with path.open("rb") as f:
+        head = f.read(4)
+    if not head:
+        raise ValueError(f"checkpoint {str(path)!r} is empty (0 bytes); {CHECKPOINT_EXPECTED}")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:
+        text = str(err)
+        if "WeightsUnpickler error:" in text:  # the useful line of torch's long weights_only message
+            text = text.split("WeightsUnpickler error:", 1)[1].split("Check the documentation", 1)[0]
+        reason = " ".join(text.split())[:200] or type(err).__name__
+        if "Unsupported global" in reason:
+            problem = (
+                f"holds objects other than tensors and plain Python values, which weights_only=True refuses ({reason})"
+            )
+        elif head == _ZIP_MAGIC:
+            problem = f"is truncated or corrupt: a zip archive torch cannot read ({reason})"
+        elif head[:1] == b"\x80" and "magic number" in reason:  # pickle's PROTO opcode, no torch header
+            problem = f"is not a torch checkpoint but a plain pickle ({reason})"
+        else:
+            if reason.startswith("Unsupported operand ") and reason[20:].isdigit() and 32 <= int(reason[20:]) < 127:
+                reason += f", the byte {chr(int(reason[20:]))!r}: a text file?"
+            problem = f"is not a torch checkpoint (torch.load: {reason})"
+        raise ValueError(f"checkpoint {str(path)!r} {problem}; {CHECKPOINT_EXPECTED}") from None
+    if not isinstance(ckpt, Mapping):
+        raise ValueError(f"checkpoint {str(path)!r} holds a {type(ckpt).__name__}, not a checkpoint dict; {CHECKPOINT_EXPECTED}")
+    return ckpt
+
+
 class Classifier(L.LightningModule):
     """A timm backbone behind an input normaliser, trained with BCE-with-logits.
 
@@ -274,19 +314,39 @@ class Classifier(L.LightningModule):
         """Load a trained classifier from a Lightning checkpoint (``weights_only=True``).
 
         The backbone is rebuilt without downloading anything: the checkpoint
-        holds all weights.
+        holds all weights. Anything else (a text file, an empty or truncated
+        file, a pickle of something else, a bare state dict) is a ValueError
+        naming the file and what was expected, not torch's unpickler message.
         """
         path = Path(path)
+        if path.is_dir():
+            raise FileNotFoundError(f"checkpoint {str(path)!r} is a directory; {CHECKPOINT_EXPECTED}")
         if not path.is_file():
             raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        ckpt = read_checkpoint(path, map_location)
         if "state_dict" not in ckpt or "hyper_parameters" not in ckpt:
+            found = sorted(str(k) for k in ckpt)
+            shown = found if len(found) <= 8 else [*found[:8], f"... ({len(found)} keys)"]
+            bare = "a bare state dict" if all(isinstance(v, torch.Tensor) for v in ckpt.values()) else "a mapping"
             raise ValueError(
-                f"{path}: not a causal_ie Classifier checkpoint (needs 'state_dict' and "
-                f"'hyper_parameters'; found keys {sorted(ckpt)})"
+                f"checkpoint {str(path)!r} is not a causal_ie Classifier checkpoint: {bare} with no 'hyper_parameters' "
+                f"or no 'state_dict' (found keys {shown}), so the model settings are unknown; {CHECKPOINT_EXPECTED}"
             )
         hp = dict(ckpt["hyper_parameters"])
         hp.update(pretrained=False, checkpoint=None)
-        model = cls(**hp)
-        model.load_state_dict(ckpt["state_dict"])
+        try:
+            model = cls(**hp)
+        except (TypeError, ValueError) as err:
+            raise ValueError(
+                f"checkpoint {str(path)!r}: its hyper_parameters do not build a Classifier of this version ({err}); "
+                f"{CHECKPOINT_EXPECTED}"
+            ) from err
+        try:
+            model.load_state_dict(ckpt["state_dict"])
+        except RuntimeError as err:
+            detail = " ".join(str(err).split())
+            raise ValueError(
+                f"checkpoint {str(path)!r}: the weights do not fit the {hp.get('backbone')!r} classifier its "
+                f"hyper_parameters describe ({detail[:400]}); {CHECKPOINT_EXPECTED}"
+            ) from None
         return model.eval()
