@@ -11,7 +11,7 @@ from typing import Any
 import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
-from torch import Tensor
+from torch import Tensor, nn
 
 from causal_ie.attacks.evaluation import AttackEvaluation
 from causal_ie.attacks.report import AttackReport
@@ -20,10 +20,9 @@ from causal_ie.explain.explainers import Explainer, LatentCE
 from causal_ie.explain.report import LocalisationReport
 from causal_ie.lightning.callbacks import CEMapLogger
 from causal_ie.lightning.evaluation import CEEvaluation
-from causal_ie.models import Classifier
 from causal_ie.outputs.report import write_report
 from causal_ie.outputs.results import write_results
-from causal_ie.runs import check_compatible, instantiate_dict, load_classifier
+from causal_ie.runs import check_compatible, classifier_identity, instantiate_dict, load_classifier
 
 log = logging.getLogger(__name__)
 
@@ -41,18 +40,17 @@ def build_explainers(cfg: DictConfig) -> dict[str, Explainer]:
 
 
 def fit_autoencoders(
-    explainers: dict[str, Explainer], classifier: Classifier, datamodule: L.LightningDataModule, ckpt: Path,
+    explainers: dict[str, Explainer], classifier: nn.Module, datamodule: L.LightningDataModule, weights: Path | None,
     cache_dir: str | Path, data_cfg: Any = None,
 ) -> dict[str, dict[str, Any]]:
     """Latent explainers with ``space=autoencoder`` train (or load the cached) autoencoder of
-    this checkpoint on the training images. The cache key names the checkpoint file's
+    this classifier on the training images. The cache key names the weights file's
     version and the data settings that choose the training images (seed, augmentation,
     synthetic sizes, ...). Returns each fitted explainer's reconstruction quality."""
-    stat = ckpt.stat()
     data = OmegaConf.to_container(data_cfg, resolve=True) if isinstance(data_cfg, DictConfig) else data_cfg
     if isinstance(data, dict):  # settings that do not change the training images stay out of the key
         data = {k: v for k, v in data.items() if k not in ("num_workers", "pin_memory", "test_subset", "test_boxes_only")}
-    key = f"{ckpt.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|data={json.dumps(data, sort_keys=True, default=str)}"
+    key = f"{classifier_identity(classifier, weights)}|data={json.dumps(data, sort_keys=True, default=str)}"
 
     def train_images() -> Iterator[Tensor]:
         datamodule.setup("fit")
@@ -70,13 +68,16 @@ def fit_autoencoders(
     return fits
 
 
-def build_attack_evaluation(cfg: DictConfig, classifier: Classifier, explainers: dict[str, Explainer]) -> AttackEvaluation | None:
+def build_attack_evaluation(cfg: DictConfig, classifier: nn.Module, explainers: dict[str, Explainer]) -> AttackEvaluation | None:
     """The attack study from ``attack`` and ``detection`` (None for ``attack=none``)."""
     if not cfg.get("attack"):
         return None
     attack = instantiate(cfg.attack, _convert_="all")
     ce = {name: e for name, e in explainers.items() if name in ("ce", "ce_latent")}
-    return AttackEvaluation(attack, classifier.findings, ce, seed=int(cfg.seed), **cfg.get("detection", {}))
+    missing = tuple(getattr(classifier, "missing_findings", ()))
+    return AttackEvaluation(
+        attack, classifier.findings, ce, seed=int(cfg.seed), missing_findings=missing, **cfg.get("detection", {})
+    )
 
 
 def evaluate(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -100,11 +101,12 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     # every rank holds the synced results (so sweepers get the metric); rank 0 writes them
     results: dict[str, Any] = {
         "run": {
-            "checkpoint": str(ckpt),
-            "data": datamodule.source,
+            "checkpoint": "none" if ckpt is None else str(ckpt),
+            "data": datamodule.data_report(),
             "image_size": datamodule.image_size,
             "mask": getattr(explainers.get("ce"), "kind", "none"),
             "backbone": classifier.hparams.backbone,
+            "missing_findings": list(getattr(classifier, "missing_findings", ())),
             # what the latent CE intervened through, and how well the autoencoder fits
             **autoencoders,
         },

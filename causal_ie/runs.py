@@ -15,9 +15,12 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig
+from torch import nn
 
 from causal_ie.io import atomic_write_text
 from causal_ie.models import Classifier
+
+TRAINABLE = "causal_ie.models.Classifier"  # the _target_ of conf/model/_classifier.yaml
 from causal_ie.outputs.results import flatten
 
 log = logging.getLogger(__name__)
@@ -80,25 +83,51 @@ def find_checkpoint(ckpt_path: str | None, search_dirs: list[str | Path]) -> Pat
     return max(found, key=lambda p: p.stat().st_mtime)
 
 
-def check_compatible(classifier: Classifier, datamodule: L.LightningDataModule, ckpt: Path) -> None:
-    """A checkpoint must predict the data's findings at the data's image size."""
+def check_compatible(classifier: nn.Module, datamodule: L.LightningDataModule, ckpt: Path | None) -> None:
+    """A classifier must predict the data's findings at the data's image size (a model that
+    resizes its input itself, such as ``model=xrv``, has no image size)."""
+    what = f"checkpoint {ckpt}" if ckpt is not None else f"model {classifier.hparams.backbone}"
     findings = tuple(datamodule.findings)
     if tuple(classifier.findings) != findings:
         raise ValueError(
-            f"checkpoint {ckpt} predicts {len(classifier.findings)} findings "
+            f"{what} predicts {len(classifier.findings)} findings "
             f"({', '.join(classifier.findings[:4])}, ...) but the data has {len(findings)} "
             f"({', '.join(findings[:4])}, ...): use a checkpoint trained on this data"
         )
     size = classifier.hparams.get("image_size")
     if size is not None and int(size) != int(datamodule.image_size):
         raise ValueError(
-            f"checkpoint {ckpt} was trained at image_size={size} but data.image_size="
+            f"{what} was trained at image_size={size} but data.image_size="
             f"{datamodule.image_size}: set data.image_size={size} or use a matching checkpoint"
         )
 
 
-def load_classifier(cfg: DictConfig) -> tuple[Classifier, Path]:
-    """The classifier a run explains: ``cfg.ckpt_path``, else the newest train.py checkpoint
-    under ``cfg.paths.checkpoint_search``. Returns it (in eval mode) and its file."""
+def load_classifier(cfg: DictConfig) -> tuple[nn.Module, Path | None]:
+    """The classifier a run explains, in eval mode, and the file its weights came from.
+
+    ``cfg.model`` chosen (``model=xrv``): that pretrained model, built from its config (its
+    ``weights_file``; None for random weights). Otherwise ``cfg.ckpt_path``, else the newest
+    train.py checkpoint under ``cfg.paths.checkpoint_search``.
+    """
+    model_cfg = cfg.get("model")
+    # an experiment's training settings (model.backbone=...) without a model chosen are not a model
+    if model_cfg and model_cfg.get("_target_"):
+        if model_cfg.get("_target_") == TRAINABLE:
+            raise ValueError(
+                f"model={model_cfg.get('backbone', '?')} is a classifier to train (python train.py model=...); "
+                "to explain a trained one pass ckpt_path=/path/to/best.ckpt, or a pretrained one with model=xrv"
+            )
+        classifier = instantiate(model_cfg, _convert_="all").eval()
+        weights = getattr(classifier, "weights_file", None)
+        return classifier, None if weights is None else Path(weights)
     ckpt = find_checkpoint(cfg.get("ckpt_path"), list(cfg.paths.checkpoint_search))
     return Classifier.load(ckpt), ckpt
+
+
+def classifier_identity(classifier: nn.Module, weights: Path | None) -> str:
+    """A key that changes when the classifier's weights do (for caches of derived models):
+    the weights file's path, size and mtime, or the backbone's name for random weights."""
+    if weights is None:
+        return str(classifier.hparams.backbone)
+    stat = weights.stat()
+    return f"{weights.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"

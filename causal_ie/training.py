@@ -34,6 +34,12 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     if cfg.get("auto_pos_weight"):
         overrides["pos_weight"] = datamodule.positive_weights()
     model: L.LightningModule = instantiate(cfg.model, _convert_="all", **overrides)
+    if not isinstance(model, L.LightningModule):
+        raise ValueError(
+            f"model= builds a {type(model).__name__}, a pretrained classifier that causal-ie explains as it is: "
+            "use it with evaluate.py (e.g. python evaluate.py model=xrv) or causal_ie.counterfactuals; "
+            "train.py trains the timm backbones (model=densenet121, resnet18, ...)"
+        )
     callbacks = instantiate_dict(cfg.get("callbacks"))
     loggers = instantiate_dict(cfg.get("logger"))
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)

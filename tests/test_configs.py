@@ -49,12 +49,28 @@ def _targets(cfg):
     return found
 
 
+PRETRAINED = ("xrv",)  # explained as they are (evaluate.py model=...), not trained
+
+
 def test_every_model_config_builds(tmp_path):
-    for option in options("model"):
+    trainable = [o for o in options("model") if o not in PRETRAINED]
+    assert {"tiny", "resnet18", "resnet50", "densenet121", "efficientnet_b0"} <= set(trainable)
+    for option in trainable:
         cfg = compose_config("train", [f"model={option}", "data.image_size=32"], tmp_path)
         model = instantiate(cfg.model)
         assert model.hparams.backbone == cfg.model.backbone
         assert model.hparams.image_size == 32
+    for option in PRETRAINED:
+        cfg = compose_config("evaluate", [f"model={option}", "model.weights=random", "model.input_resolution=32"], tmp_path)
+        assert instantiate(cfg.model).hparams.backbone.startswith(f"{option}:")
+
+
+def test_training_a_pretrained_model_config_is_refused_clearly(tmp_path):
+    from causal_ie.training import train
+
+    cfg = compose_config("train", ["model=xrv", "model.weights=random", "logger=none"], tmp_path)
+    with pytest.raises(ValueError, match="XRVClassifier, a pretrained classifier.*evaluate.py"):
+        train(cfg)
 
 
 def test_chexnet_experiment_recipe(tmp_path):

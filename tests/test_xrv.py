@@ -7,9 +7,8 @@ import math
 
 import pytest
 import torch
-from conftest import compose_config
+from conftest import TINY_EVAL, compose_config
 from hydra.core.global_hydra import GlobalHydra
-from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
 from torch.nn import functional as F
 
@@ -308,11 +307,8 @@ def test_importing_torchxrayvision_keeps_the_warning_filters():
 
 
 def _compose_model(tmp_path, *overrides: str):
-    """conf/model/xrv.yaml composed into the evaluate config (``model=`` once the lead adds the group default)."""
-    try:
-        cfg = compose_config("evaluate", ["model=xrv", *overrides], tmp_path)
-    except ConfigCompositionException:  # evaluate.yaml without a model group yet
-        cfg = compose_config("evaluate", ["+model=xrv", *overrides], tmp_path)
+    """conf/model/xrv.yaml composed into the evaluate config."""
+    cfg = compose_config("evaluate", ["model=xrv", *overrides], tmp_path)
     GlobalHydra.instance().clear()
     return cfg
 
@@ -370,3 +366,48 @@ def test_ce_cams_latent_and_attacks_run_on_it():
     # `top` attacks a finding the model predicts, never a NaN column
     assert out.attacked[:, missing].sum() == 0 and out.attacked.sum(1).eq(1).all()
     assert (out.images - x).abs().max() <= 0.05 + 1e-6
+
+
+# ---------------------------------------------------------------- end to end, random weights
+
+
+CHEX_LIKE = ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Effusion", "Pneumonia", "Pneumothorax",
+             "Lung Lesion", "Fracture"]  # lacks Infiltration, Mass, Nodule, Emphysema, Fibrosis, ...
+
+
+def test_evaluate_explains_and_attacks_a_pretrained_model_without_training(tmp_path):
+    from causal_ie.evaluation import evaluate
+    from causal_ie.outputs.schema import EVALUATION, problems
+
+    cfg = compose_config(
+        "evaluate",
+        [*TINY_EVAL, "model=xrv", "model.weights=random", f"model.input_resolution={SMALL}",
+         f"model.pathologies=[{','.join(repr(p) for p in CHEX_LIKE)}]", "data.test_subset=6",
+         "evaluation.deletion_steps=2", "attack=fgsm", "attack.eps=0.05", "detection.pairs=all",
+         "detection.repeats=1", "mask.size=8", "mask.stride=8", f"paths.checkpoint_search=[{tmp_path / 'none'}]"],
+        tmp_path,
+    )
+    try:
+        results, objects = evaluate(cfg)
+    finally:
+        GlobalHydra.instance().clear()
+    assert problems(results, EVALUATION) == []
+    missing = [f for f in FINDINGS if f not in CHEX_LIKE]
+    run = results["run"]
+    assert run["backbone"] == "xrv:random-densenet121" and run["checkpoint"] == "none"
+    assert run["missing_findings"] == missing
+    # missing findings are reported as missing, never scored
+    auroc = results["classification"]["auroc"]
+    assert all(math.isnan(auroc[f]) for f in missing)
+    assert not math.isnan(results["classification"]["auroc_mean"])
+    assert all(math.isnan(results["attack"]["auroc"][f]) for f in missing)
+    test = objects["datamodule"].dataset("test")
+    present = [test[i] for i in range(len(test))]
+    pairs = sum(
+        int(((it["labels"] > 0.5) & ~it["boxes"].isnan().any(-1))[[FINDINGS.index(f) for f in CHEX_LIKE[:7]]].sum())
+        for it in present
+    )
+    assert results["localisation_pairs"] == pairs
+    for name in ("ce", "max_prob", "noise_flip"):
+        assert not math.isnan(results["detection"][name]["auroc"]), name
+    assert (tmp_path / "report.md").is_file()

@@ -273,7 +273,8 @@ def prediction_change_under_noise(
     Mean over ``draws`` draws of ``N(0, std^2)`` pixel noise (``[0, 1]`` units;
     the noisy image is clamped to ``[0, 1]``; noise from a ``torch.Generator``
     on the images' device seeded with ``seed``) of the mean absolute change of
-    the sigmoid probabilities over all findings, relative to the prediction on
+    the sigmoid probabilities over the findings (NaN ones, which the model does not
+    predict, left out), relative to the prediction on
     ``images`` as given. ``model`` maps ``[N, C, H, W]`` images to logits
     ``[N, K]`` and is used in its current mode (call ``model.eval()`` first).
     """
@@ -308,16 +309,17 @@ def prediction_change_under_noise(
         for d in range(draws):
             noisy = (images + std * noise[d]).clamp(0.0, 1.0)
             probs = torch.sigmoid(model(noisy).reshape(n, -1).float())
-            total += (probs - base).abs().mean(dim=1)
+            total += (probs - base).abs().nanmean(dim=1)
     return total / draws
 
 
 def max_prob(probs: Tensor) -> Tensor:
-    """The ``max_prob`` baseline score: max over findings of the predicted probability, ``[N, K] -> [N]``."""
+    """The ``max_prob`` baseline score: max over findings of the predicted probability, ``[N, K] -> [N]``
+    (NaN probabilities, of findings the model does not predict, left out)."""
     probs = torch.as_tensor(probs)
     if probs.ndim != 2:
         raise ValueError(f"probs must be [N, K], got shape {tuple(probs.shape)}")
-    return probs.amax(dim=1)
+    return probs.nan_to_num(float("-inf")).amax(dim=1)
 
 
 # ----------------------------------------------------------------------------- saved runs, transfer

@@ -31,6 +31,7 @@ from causal_ie.attacks.detection import (
 from causal_ie.attacks.factory import Adversarial, MultiLabelAttack
 from causal_ie.attacks.statistics import STATISTICS, box_share, ce_features, map_correlation, map_statistics
 from causal_ie.explain.explainers import Explainer, select_maps
+from causal_ie.models.findings import finding_aurocs
 
 # per-image attack outcome columns (see _outcome)
 OUTCOME_COLUMNS = ("eligible", "success", "flipped", "attacked", "linf", "l2", "l0")
@@ -83,6 +84,8 @@ class AttackEvaluation(nn.Module):
             which would be a clean copy labelled adversarial); ``all`` on every image.
         repeats: detection scores are averaged over this many patient-grouped splits.
         seed: the first split's seed.
+        missing_findings: findings the classifier does not predict (NaN logits): never the
+            focus, left out of means over findings, NaN AUROC.
     """
 
     def __init__(
@@ -98,13 +101,20 @@ class AttackEvaluation(nn.Module):
         repeats: int = 5,
         pairs: str = "changed",
         seed: int = 0,
+        missing_findings: Sequence[str] = (),
     ):
         super().__init__()
         if not explainers:
             raise ValueError("attack evaluation needs a CE explainer: set mask= (or latent=)")
         attack.finding_index(findings)  # an unknown attack.target fails before any work
+        if attack.target in missing_findings:
+            raise ValueError(
+                f"attack.target={attack.target!r}: the classifier does not predict this finding; "
+                f"expected one of {', '.join(f for f in findings if f not in missing_findings)}"
+            )
         self.attack = attack
         self.findings = tuple(findings)
+        self.predicted = torch.tensor([f not in missing_findings for f in self.findings])
         self.explainers = dict(explainers)
         # bad detection settings fail here, not after a whole test epoch of attacks
         if detector not in DETECTORS:
@@ -148,7 +158,7 @@ class AttackEvaluation(nn.Module):
         adv = self.attack(classifier, images, labels, self.findings)
         with torch.no_grad():
             p_adv = classifier(adv.images).sigmoid()
-        self.auroc_adv.update(p_adv, labels.long())
+        self.auroc_adv.update(p_adv.nan_to_num(0.0), labels.long())
         focus = _focus_finding(adv.attacked, p_clean)
         boxes = batch["boxes"][torch.arange(len(focus), device=focus.device), focus]
         outcome = _outcome(adv, p_clean, p_adv, images).unbind(1)
@@ -222,13 +232,13 @@ class AttackEvaluation(nn.Module):
         and what the figures and the transfer analysis need (arrays, ROC curves, DetectionData)."""
         rows = self.rows.compute().cpu().numpy()
         self.rows.reset()
-        per_finding = self.auroc_adv.compute().cpu().numpy()
+        auroc_mean, per_finding = finding_aurocs(self.auroc_adv.compute(), self.predicted)
         self.auroc_adv.reset()
         if rows.size == 0:
             raise RuntimeError("attack evaluation saw no test images")
         col = {key: rows[:, j] for j, key in enumerate(self.columns)}
         results = {
-            "attack": self._attack_results(col, per_finding),
+            "attack": self._attack_results(col, auroc_mean, per_finding),
             "ce_under_attack": self._characterisation(col),
         }
         detection, curves, data = self._detection(col)
@@ -237,7 +247,7 @@ class AttackEvaluation(nn.Module):
         stats = {side: {f"{key[1]}.{key[2]}": col[(*key[:3], side)] for key in stat_keys} for side in ("clean", "adv")}
         return results, {"statistics": stats, "roc": curves, "detection_data": data, "examples": self.examples}
 
-    def _attack_results(self, col: Mapping[str, np.ndarray], per_finding: np.ndarray) -> dict[str, Any]:
+    def _attack_results(self, col: Mapping[Column, np.ndarray], auroc_mean: float, per_finding: list[float]) -> dict[str, Any]:
         eligible = col[("outcome", "eligible")] > 0
         a = self.attack
         return {
@@ -253,8 +263,8 @@ class AttackEvaluation(nn.Module):
             "num_images": int(len(eligible)),
             # share of attacked (image, finding) predictions that changed at threshold 0.5
             "flip_rate": float(col[("outcome", "flipped")].sum() / max(col[("outcome", "attacked")].sum(), 1)),
-            "auroc_mean": float(np.nanmean(per_finding)),
-            "auroc": {f: float(v) for f, v in zip(self.findings, per_finding)},
+            "auroc_mean": auroc_mean,
+            "auroc": dict(zip(self.findings, per_finding)),
             "perturbation": {k: float(np.mean(col[("outcome", k)])) for k in ("linf", "l2", "l0")},
         }
 
@@ -333,9 +343,9 @@ class AttackEvaluation(nn.Module):
 
 def _focus_finding(attacked: Tensor, probs: Tensor) -> Tensor:
     """The finding whose maps are compared: the attacked one, or (all findings attacked)
-    the most likely one on the clean image."""
+    the most likely one on the clean image (a missing finding's NaN never wins)."""
     single = attacked.sum(1) == 1
-    return torch.where(single, attacked.float().argmax(1), probs.argmax(1))
+    return torch.where(single, attacked.float().argmax(1), probs.nan_to_num(float("-inf")).argmax(1))
 
 
 def _outcome(adv: Adversarial, p_clean: Tensor, p_adv: Tensor, images: Tensor) -> Tensor:

@@ -87,7 +87,7 @@ def map_statistics(maps: Tensor, top_fraction: float = 0.05) -> dict[str, Tensor
     top_sum = a.topk(k, dim=-1, sorted=False).values.sum(-1)
     topk_mass = torch.where(has_mass, top_sum / torch.where(has_mass, total, torch.ones_like(total)), 0.0)
 
-    return {
+    stats = {
         "max_effect": a.amax(-1),
         "total_positive": m.clamp_min(0).sum(-1),
         "total_negative": (-m).clamp_min(0).sum(-1),
@@ -95,6 +95,9 @@ def map_statistics(maps: Tensor, top_fraction: float = 0.05) -> dict[str, Tensor
         "spread": spread,
         "topk_mass": topk_mass,
     }
+    # a map with NaNs (a finding the model does not predict) has no statistics
+    undefined = ~torch.isfinite(m).all(-1)
+    return {name: value.masked_fill(undefined, float("nan")) for name, value in stats.items()}
 
 
 def box_share(maps: Tensor, boxes: Tensor) -> Tensor:
@@ -161,6 +164,9 @@ def ce_features(maps: Tensor, probs: Tensor, prefix: str = "", top_fraction: flo
       (argmax over K per image; ties go to the first such finding);
     * ``f"{prefix}{s}.mean"``: the mean of ``s`` over the K findings' maps.
 
+    Findings the classifier does not predict (NaN probabilities and maps) are never the
+    top one and are left out of the mean.
+
     So keys run ``max_effect.top, max_effect.mean, total_positive.top, ...``.
     """
     _check_maps(maps)
@@ -175,10 +181,10 @@ def ce_features(maps: Tensor, probs: Tensor, prefix: str = "", top_fraction: flo
     if maps.shape[1] == 0:
         raise ValueError("maps must hold at least one finding (K >= 1)")
     stats = map_statistics(maps, top_fraction)
-    top = probs.detach().to(maps.device).argmax(dim=1, keepdim=True)  # [N, 1]
+    top = probs.detach().to(maps.device).nan_to_num(float("-inf")).argmax(dim=1, keepdim=True)  # [N, 1]
     features: dict[str, Tensor] = {}
     for name in STATISTICS:
         values = stats[name]  # [N, K]
         features[f"{prefix}{name}.top"] = values.gather(1, top).squeeze(1)
-        features[f"{prefix}{name}.mean"] = values.mean(dim=1)
+        features[f"{prefix}{name}.mean"] = values.nanmean(dim=1)
     return features

@@ -201,6 +201,13 @@ def run_counterfactuals(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]
     check_compatible(classifier, datamodule, ckpt)
     names = tuple(datamodule.findings)
     findings = target_findings(settings.get("finding"), names)
+    missing = set(getattr(classifier, "missing_findings", ()))
+    if settings.get("finding") is not None and missing & {names[k] for k in findings}:
+        raise ValueError(
+            f"counterfactual.finding: the classifier does not predict {sorted(missing & {names[k] for k in findings})}; "
+            f"expected findings it predicts: {', '.join(n for n in names if n not in missing)}"
+        )
+    findings = [k for k in findings if names[k] not in missing]
     test = datamodule.dataset("test")
     pairs = select_pairs(test, datamodule.label_matrix("test"), findings, int(settings.num_images))
     shortcut = _shortcut_finding(test)
@@ -217,8 +224,9 @@ def run_counterfactuals(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]
     summary = {name: summarise(r, names, shortcut) for name, r in per_method.items()}
     results = {
         "run": {
-            "checkpoint": str(ckpt),
-            "data": datamodule.source,
+            "checkpoint": "none" if ckpt is None else str(ckpt),
+            "data": datamodule.data_report(),
+            "missing_findings": list(getattr(classifier, "missing_findings", ())),
             "image_size": datamodule.image_size,
             "backbone": classifier.hparams.backbone,
             "direction": settings.direction,

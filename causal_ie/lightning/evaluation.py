@@ -16,12 +16,18 @@ from causal_ie.explain.explainers import Explainer, select_maps
 from causal_ie.explain.metrics import DEFAULT_THRESHOLDS, DeletionInsertion, localisation_metrics
 from causal_ie.interventions import InterventionSpec
 from causal_ie.models import Classifier
+from causal_ie.models.findings import finding_aurocs, predicted_mask
 
 
-def box_pairs(labels: torch.Tensor, boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(image index, finding index) of every present finding that has a box."""
-    has_box = ~torch.isnan(boxes).any(dim=-1)
-    return torch.nonzero((labels > 0.5) & has_box, as_tuple=True)
+def box_pairs(
+    labels: torch.Tensor, boxes: torch.Tensor, predicted: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(image index, finding index) of every present finding that has a box (and that the
+    classifier predicts: ``predicted`` [K] bool)."""
+    keep = (labels > 0.5) & ~torch.isnan(boxes).any(dim=-1)
+    if predicted is not None:
+        keep &= predicted.to(keep.device)
+    return torch.nonzero(keep, as_tuple=True)
 
 
 class CEEvaluation(L.LightningModule):
@@ -55,6 +61,7 @@ class CEEvaluation(L.LightningModule):
         for p in self.classifier.parameters():
             p.requires_grad_(False)
         self.findings = tuple(classifier.findings)
+        self.predicted = predicted_mask(classifier)  # findings a pretrained model lacks are not scored
         self.explainers = dict(explainers)
         self.thresholds = tuple(thresholds)
         self.auroc = MultilabelAUROC(num_labels=len(self.findings), average=None)
@@ -89,9 +96,9 @@ class CEEvaluation(L.LightningModule):
         images, labels, boxes = batch["image"], batch["labels"], batch["boxes"]
         with torch.no_grad():
             probs = self.classifier(images).sigmoid()
-        self.auroc.update(probs, labels.long())
+        self.auroc.update(probs.nan_to_num(0.0), labels.long())
         self._images_seen += images.shape[0]
-        img_idx, finding_idx = box_pairs(labels, boxes)
+        img_idx, finding_idx = box_pairs(labels, boxes, self.predicted)
         # the attack study needs every finding's clean CE map; the box pairs are a selection of them
         clean_maps = {}
         if self.attack is not None:
@@ -135,12 +142,12 @@ class CEEvaluation(L.LightningModule):
             )
 
     def on_test_epoch_end(self) -> None:
-        per_finding = self.auroc.compute()
+        auroc_mean, per_finding = finding_aurocs(self.auroc.compute(), self.predicted)
         self.auroc.reset()
         results: dict[str, Any] = {
             "classification": {
-                "auroc_mean": float(per_finding.mean()),
-                "auroc": {f: float(v) for f, v in zip(self.findings, per_finding)},
+                "auroc_mean": auroc_mean,
+                "auroc": dict(zip(self.findings, per_finding)),
             },
             "localisation": {},
             "faithfulness": {},

@@ -45,12 +45,38 @@ RECONSTRUCTION: Tree = {
     "activation_l1": Key(float, "autoencoder only: mean |A|, the scale the reconstruction error compares to"),
 }
 
+DATA_REPORT: Tree = {
+    "source": Key(str, "the data source: synthetic, nih or chestmnist"),
+    "root": Key(str, "data.root, the folder read"),
+    "metadata_file": Key(str, "NIH: the metadata CSV read"),
+    "image_folders": Key(list, "NIH: the image folders found (images/, images_001/images/, ...)"),
+    "on_error": Key(str, "data.on_error: raise, or skip (and count) bad data"),
+    "split": Key(str, "NIH: official lists, or patient-wise by seed"),
+    "boxes_only": Key(list, "splits restricted to images with a radiologist box"),
+    "images_listed": Key(int, "NIH: images the metadata lists"),
+    "images_found": Key(int, "NIH: listed images present on disk"),
+    "images_readable": Key(int, "NIH: present images that decoded"),
+    "images_used": Key(int, "NIH: images in the splits"),
+    "images_skipped": Key(int, "NIH: listed images not used (listed - readable)"),
+    "skipped": {"<reason>": Key(int, "images skipped for this reason (missing image, unreadable image, unknown label, ...)")},
+    "skipped_examples": {"<reason>": Key(list, "the first few file names skipped for this reason")},
+    "splits": {
+        "<split>": {
+            "images": Key(int, "images in the split (train, val, test)"),
+            "patients": Key(int, "NIH: patients in the split"),
+            "with_boxes": Key(int, "NIH: images of the split with a radiologist box"),
+            "images_before_subset": Key(int, "test: images before data.test_subset cut them"),
+        }
+    },
+}
+
 EVALUATION_RUN: Tree = {
-    "checkpoint": Key(str, "the classifier's checkpoint file"),
-    "data": Key(str, "the data source: synthetic, nih or chestmnist"),
+    "checkpoint": Key(str, "the classifier's checkpoint or weights file (none: random weights)"),
+    "data": DATA_REPORT,
+    "missing_findings": Key(list, "findings the classifier does not predict (a pretrained model's gaps): not scored"),
     "image_size": Key(int, "side of the square test images in pixels, the resolution of every map"),
     "mask": Key(str, "region kind of the main CE (patch, pixel, superpixel, latent), or none"),
-    "backbone": Key(str, "the classifier's backbone (timm name)"),
+    "backbone": Key(str, "the classifier's backbone (timm name, or xrv:<weights>)"),
     "<method>": RECONSTRUCTION,
 }
 
@@ -148,8 +174,9 @@ COUNTERFACTUAL_MEASURES: Tree = {
 
 COUNTERFACTUAL: Tree = {
     "run": {
-        "checkpoint": Key(str, "the classifier's checkpoint file"),
-        "data": Key(str, "the data source"),
+        "checkpoint": Key(str, "the classifier's checkpoint or weights file (none: random weights)"),
+        "data": DATA_REPORT,
+        "missing_findings": Key(list, "findings the classifier does not predict: no counterfactuals for them"),
         "image_size": Key(int, "side of the square images in pixels"),
         "backbone": Key(str, "the classifier's backbone"),
         "direction": Key(str, "remove or add the finding"),
@@ -247,7 +274,7 @@ def _has_kind(value: Any, kind: type | tuple[type, ...]) -> bool:
 
 def _kind_name(kind: type | tuple[type, ...]) -> str:
     kinds = kind if isinstance(kind, tuple) else (kind,)
-    names = {int: "int", float: "number", str: "string", bool: "bool", type(None): "null"}
+    names = {int: "int", float: "number", str: "string", bool: "bool", list: "list", type(None): "null"}
     return " or ".join(names.get(k, k.__name__) for k in kinds)
 
 
@@ -274,8 +301,9 @@ def render_markdown() -> str:
         "its output directory, atomically. Keys below are flattened with dots (`localisation.ce.pointing_game`",
         "is `results['localisation']['ce']['pointing_game']`). Placeholders: `<T>` a threshold,",
         "`<finding>` a finding name, `<method>` an explainer (`ce`, `ce_latent`, a CAM) or counterfactual",
-        "method, `<detector>` a detector, `<statistic>` a CE-map statistic. NaN is written where a",
-        "value is undefined (e.g. an AUROC on a finding without positives).",
+        "method, `<detector>` a detector, `<statistic>` a CE-map statistic, `<split>` train/val/test,",
+        "`<reason>` why data was skipped. NaN is written where a value is undefined (an AUROC on a",
+        "finding without positives, or that the classifier does not predict).",
         "",
         "Rendered from `causal_ie/outputs/schema.py`; edit it there.",
         "",
