@@ -298,3 +298,16 @@ def test_progress_bar_only_when_asked(capsys):
     assert "interventions" not in capsys.readouterr().err
     causal_effect(model, x, window=4, stride=4, progress=True)
     assert "interventions" in capsys.readouterr().err
+
+
+def test_differentiable_effects_have_the_gradients_of_the_interventions():
+    """With ``differentiable=True`` the map is a function of the image that autograd can follow
+    (an attacker who knows a CE detector needs it): gradcheck against finite differences."""
+    model = tiny_conv(1).double()
+    x = torch.rand(1, 1, 8, 8, dtype=torch.float64, requires_grad=True)
+
+    def ce(images):
+        return causal_effect(model, images, window=4, stride=4, baseline="blur", outcome="logit", differentiable=True)
+
+    assert torch.autograd.gradcheck(ce, (x,), eps=1e-6, atol=1e-5)
+    assert not causal_effect(model, x, window=4, stride=4).requires_grad  # the default keeps no graph

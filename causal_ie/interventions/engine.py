@@ -224,12 +224,12 @@ def pixel_space_effects(
     model: nn.Module, x: Tensor, regions_for: Callable[[Tensor], Regions], spec: InterventionSpec
 ) -> tuple[Tensor, Regions]:
     """What every pixel-space region kind shares: checks, the model's device, eval mode and
-    no_grad, the baseline, the engine. Returns effects [N, K, R_max] on the model's device and
+    no_grad (unless ``spec.differentiable``), the baseline, the engine. Returns effects [N, K, R_max] on the model's device and
     the regions ``regions_for(images on that device)`` built."""
-    check_images(x)
+    check_images(x.detach())
     inputs = to_model(model, x)
-    regions = regions_for(inputs)
-    with eval_mode(model), torch.no_grad():
+    regions = regions_for(inputs.detach())
+    with eval_mode(model), torch.set_grad_enabled(spec.differentiable):
         effects = region_effects(image_forward(model), inputs, regions, spec.baseline_for(inputs), spec)
     return effects, regions
 

@@ -38,6 +38,9 @@ class InterventionSpec:
         seed: seeds the ``noise`` draws (a fresh generator per call, so calls repeat); None:
             torch's global generator.
         progress: a progress bar over the batches.
+        differentiable: keep the autograd graph, so effects can be differentiated with respect
+            to the images (an attacker who knows a CE-based detector); memory then grows with
+            every perturbed input of the call, so call it on few images and coarse regions.
     """
 
     baseline: str | float | Tensor = "zero"
@@ -47,6 +50,7 @@ class InterventionSpec:
     batch_size: int | None = DEFAULT_BATCH_SIZE
     seed: int | None = None
     progress: bool = False
+    differentiable: bool = False
 
     def __post_init__(self) -> None:
         b = self.baseline
