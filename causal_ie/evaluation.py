@@ -12,12 +12,14 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
+from torch.utils.data import DataLoader, Subset
 
 from causal_ie.attacks.evaluation import AttackEvaluation
 from causal_ie.attacks.report import AttackReport
 from causal_ie.explain.cam import CAMExplainer
-from causal_ie.explain.explainers import Explainer, LatentCE
+from causal_ie.explain.explainers import Explainer
 from causal_ie.explain.report import LocalisationReport
+from causal_ie.interventions.autoencoder import AutoencoderCache
 from causal_ie.lightning.callbacks import CEMapLogger
 from causal_ie.lightning.evaluation import CEEvaluation
 from causal_ie.outputs.report import write_report
@@ -39,33 +41,18 @@ def build_explainers(cfg: DictConfig) -> dict[str, Explainer]:
     return explainers
 
 
-def fit_autoencoders(
-    explainers: dict[str, Explainer], classifier: nn.Module, datamodule: L.LightningDataModule, weights: Path | None,
-    cache_dir: str | Path, data_cfg: Any = None,
-) -> dict[str, dict[str, Any]]:
-    """Latent explainers with ``space=autoencoder`` train (or load the cached) autoencoder of
-    this classifier on the training images. The cache key names the weights file's
-    version and the data settings that choose the training images (seed, augmentation,
-    synthetic sizes, ...). Returns each fitted explainer's reconstruction quality."""
+def autoencoder_cache(
+    classifier: nn.Module, weights: Path | None, cache_dir: str | Path, data_cfg: Any = None
+) -> AutoencoderCache:
+    """Where latent explainers with ``space=autoencoder`` cache their autoencoder, and the key
+    of this classifier and its training images: the weights file's version and the data
+    settings that choose the training images (seed, augmentation, synthetic sizes, ...).
+    CEEvaluation fits them in ``on_test_start``, on the classifier's device."""
     data = OmegaConf.to_container(data_cfg, resolve=True) if isinstance(data_cfg, DictConfig) else data_cfg
     if isinstance(data, dict):  # settings that do not change the training images stay out of the key
         data = {k: v for k, v in data.items() if k not in ("num_workers", "pin_memory", "test_subset", "test_boxes_only")}
     key = f"{classifier_identity(classifier, weights)}|data={json.dumps(data, sort_keys=True, default=str)}"
-
-    def train_images() -> Iterator[Tensor]:
-        datamodule.setup("fit")
-        return (batch["image"] for batch in datamodule.train_dataloader())
-
-    fits = {}
-    for name, explainer in explainers.items():
-        if isinstance(explainer, LatentCE) and explainer.space == "autoencoder":
-            ae = explainer.fit_autoencoder(classifier, train_images, cache_dir=cache_dir, key=key).autoencoder
-            fits[name] = {
-                "space": "autoencoder",
-                "reconstruction_l1": float(ae.reconstruction_l1),
-                "activation_l1": float(ae.activation_l1),
-            }
-    return fits
+    return AutoencoderCache(cache_dir, key)
 
 
 def build_attack_evaluation(cfg: DictConfig, classifier: nn.Module, explainers: dict[str, Explainer]) -> AttackEvaluation | None:
@@ -73,11 +60,20 @@ def build_attack_evaluation(cfg: DictConfig, classifier: nn.Module, explainers: 
     if not cfg.get("attack"):
         return None
     attack = instantiate(cfg.attack, _convert_="all")
+    settings = instantiate(cfg.get("detection", {}), _convert_="all")
+    for key in ("test_images", "reference_images"):  # settings of the run, not of the study
+        settings.pop(key, None)
     ce = {name: e for name, e in explainers.items() if name in ("ce", "ce_latent")}
     missing = tuple(getattr(classifier, "missing_findings", ()))
-    return AttackEvaluation(
-        attack, classifier.findings, ce, seed=int(cfg.seed), missing_findings=missing, **cfg.get("detection", {})
-    )
+    return AttackEvaluation(attack, classifier.findings, ce, seed=int(cfg.seed), missing_findings=missing, **settings)
+
+
+def reference_images(datamodule: L.LightningDataModule, limit: int) -> Iterator[Tensor]:
+    """Up to ``limit`` clean validation images in batches: the detectors' clean reference,
+    disjoint from the test images they score."""
+    loader = DataLoader(Subset(datamodule.dataset("val"), range(min(limit, len(datamodule.dataset("val"))))),
+                        batch_size=datamodule.batch_size)
+    return (batch["image"] for batch in loader)
 
 
 def evaluate(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -88,9 +84,15 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     datamodule = instantiate(cfg.data, _convert_="all")
     check_compatible(classifier, datamodule, ckpt)
     explainers = build_explainers(cfg)
-    autoencoders = fit_autoencoders(explainers, classifier, datamodule, ckpt, cfg.paths.cache_dir, cfg.data)
     settings = instantiate(cfg.evaluation, _convert_="all")  # builds evaluation.deletion (an InterventionSpec)
-    module = CEEvaluation(classifier, explainers, attack=build_attack_evaluation(cfg, classifier, explainers), **settings)
+    attack = build_attack_evaluation(cfg, classifier, explainers)
+    if attack is not None:
+        images = cfg.detection.get("test_images")  # the attack study's images: null, the whole test split
+        datamodule.test_subset = None if images is None else int(images)
+        attack.fit_reference(classifier, reference_images(datamodule, int(cfg.detection.get("reference_images", 500))))
+    # latent autoencoders (space=autoencoder) are fitted in CEEvaluation.on_test_start, on the device
+    cache = autoencoder_cache(classifier, ckpt, cfg.paths.cache_dir, cfg.data)
+    module = CEEvaluation(classifier, explainers, attack=attack, autoencoder_cache=cache, **settings)
     sections = [LocalisationReport(), AttackReport()]
     figures = CEMapLogger(out_dir, sections)
     loggers = instantiate_dict(cfg.get("logger"))
@@ -108,7 +110,7 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
             "backbone": classifier.hparams.backbone,
             "missing_findings": list(getattr(classifier, "missing_findings", ())),
             # what the latent CE intervened through, and how well the autoencoder fits
-            **autoencoders,
+            **module.autoencoder_fits,
         },
         **module.results,
     }

@@ -9,7 +9,7 @@ import pytest
 import torch
 from scipy.stats import entropy as scipy_entropy
 
-from causal_ie.attacks.statistics import STATISTICS, box_share, ce_features, map_correlation, map_statistics
+from causal_ie.attacks.statistics import STATISTICS, box_share, map_correlation, map_statistics
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -197,33 +197,3 @@ def test_map_correlation_broadcasts_and_constant_is_nan():
     assert torch.isnan(out).all()
     with pytest.raises(ValueError, match="H, W"):
         map_correlation(torch.rand(4, 4), torch.rand(4, 5))
-
-
-# ----------------------------------------------------------------------------- ce_features
-
-
-def test_ce_features_top_and_mean():
-    g = torch.Generator().manual_seed(4)
-    maps = torch.randn(3, 4, 5, 6, generator=g)
-    probs = torch.tensor([[0.9, 0.1, 0.2, 0.3], [0.1, 0.2, 0.8, 0.3], [0.1, 0.2, 0.3, 0.4]])
-    top = [0, 2, 3]
-    out = ce_features(maps, probs, prefix="ce.", top_fraction=0.1)
-    assert list(out) == [f"ce.{s}.{kind}" for s in STATISTICS for kind in ("top", "mean")]
-    for s in STATISTICS:
-        per_map = torch.stack(
-            [torch.stack([map_statistics(maps[n, k], top_fraction=0.1)[s] for k in range(4)]) for n in range(3)]
-        )  # [N, K] from single-map calls
-        torch.testing.assert_close(out[f"ce.{s}.top"], per_map[torch.arange(3), torch.tensor(top)])
-        torch.testing.assert_close(out[f"ce.{s}.mean"], per_map.mean(dim=1))
-        assert out[f"ce.{s}.top"].shape == (3,)
-    # by hand: image 1's top finding is 2
-    assert float(out["ce.max_effect.top"][1]) == pytest.approx(float(maps[1, 2].abs().max()))
-
-
-def test_ce_features_validation():
-    with pytest.raises(ValueError, match="probs"):
-        ce_features(torch.rand(2, 3, 4, 4), torch.rand(2, 4))
-    with pytest.raises(ValueError, match="probs"):
-        ce_features(torch.rand(2, 3, 4, 4), torch.rand(3, 3))
-    with pytest.raises(ValueError, match="maps"):
-        ce_features(torch.rand(3, 4, 4), torch.rand(3, 4))

@@ -41,6 +41,9 @@ DETECTION_FILE = "detection.npz"  # what one evaluate run saves (DetectionData),
 __all__ = [
     "DETECTION_FILE",
     "DETECTORS",
+    "auroc_difference",
+    "crossfit_scores",
+    "score_detector",
     "DetectionData",
     "DetectionResult",
     "detect",
@@ -235,6 +238,84 @@ def detect(
     train = split_halves(groups, seed)
     estimator = fit_detector(clean, adv, train, kind=kind, seed=seed)
     return evaluate_detector(estimator, clean, adv, ~train, n_train=int(train.sum()))
+
+
+def crossfit_scores(
+    features_clean: np.ndarray,
+    features_adv: np.ndarray,
+    groups: Sequence[str],
+    kind: str = "logistic",
+    seed: int = 0,
+    repeats: int = 1,
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """Out-of-sample detector scores of every image pair: ``(scores_clean [N], scores_adv [N],
+    images in a training half)``.
+
+    Two-fold cross-fitting by patient: split the patients in halves (:func:`split_halves`), fit
+    on one half and score the other, then the other way round, so each pair is scored by a
+    detector that never saw its patient; with ``repeats`` > 1 the scores are averaged over
+    splits with seeds ``seed, seed + 1, ...``. All N pairs then enter one AUROC with a
+    patient-bootstrap interval, instead of a mean over half-size test sets.
+    """
+    clean, adv = _pairs(features_clean, features_adv)
+    if len(groups) != len(clean):
+        raise ValueError(f"groups has {len(groups)} entries but the features have {len(clean)} rows (images)")
+    scores_clean, scores_adv = np.zeros(len(clean)), np.zeros(len(clean))
+    train_sizes = []
+    for r in range(int(repeats)):
+        first = split_halves(groups, seed + r)
+        for train in (first, ~first):
+            estimator = fit_detector(clean, adv, train, kind=kind, seed=seed + r)
+            test = ~train
+            scores_clean[test] += estimator.predict_proba(clean[test])[:, 1]
+            scores_adv[test] += estimator.predict_proba(adv[test])[:, 1]
+            train_sizes.append(int(train.sum()))
+    return scores_clean / repeats, scores_adv / repeats, min(train_sizes)
+
+
+def score_detector(
+    scores_clean: np.ndarray, scores_adv: np.ndarray, groups: Sequence[str], n_boot: int = 2000, seed: int = 0
+) -> dict[str, float | int]:
+    """AUROC and TPR at 5 % FPR of clean (0) vs adversarial (1) scores, each with its 95 %
+    patient-bootstrap interval (a pair's two images move together), and ``n_test`` pairs."""
+    from causal_ie.intervals import auroc_bootstrap_ci, tpr_at_fpr_ci
+
+    labels, scores, both = _labelled(scores_clean, scores_adv, groups)
+    auroc = auroc_bootstrap_ci(labels, scores, both, n_boot=n_boot, seed=seed)
+    tpr = tpr_at_fpr_ci(labels, scores, both, fpr=0.05, n_boot=n_boot, seed=seed)
+    return {
+        "auroc": auroc.estimate,
+        "auroc_ci_low": auroc.low,
+        "auroc_ci_high": auroc.high,
+        "tpr@5fpr": tpr.estimate,
+        "tpr@5fpr_ci_low": tpr.low,
+        "tpr@5fpr_ci_high": tpr.high,
+        "n_test": int(len(scores_clean)),
+    }
+
+
+def auroc_difference(
+    scores_a: tuple[np.ndarray, np.ndarray],
+    scores_b: tuple[np.ndarray, np.ndarray],
+    groups: Sequence[str],
+    n_boot: int = 2000,
+    seed: int = 0,
+) -> tuple[float, float, float]:
+    """AUROC of detector a minus detector b on the same pairs, with the 95 % interval of the
+    difference (paired patient bootstrap). ``scores_*`` are (clean, adversarial) arrays."""
+    from causal_ie.intervals import auroc_difference_bootstrap_ci
+
+    labels, a, both = _labelled(*scores_a, groups)
+    _, b, _ = _labelled(*scores_b, groups)
+    diff = auroc_difference_bootstrap_ci(labels, a, b, both, n_boot=n_boot, seed=seed)
+    return diff.estimate, diff.low, diff.high
+
+
+def _labelled(scores_clean: np.ndarray, scores_adv: np.ndarray, groups: Sequence[str]):
+    """Stacked labels (0 clean, 1 adversarial), scores and the groups of both copies."""
+    clean, adv = np.asarray(scores_clean, dtype=float), np.asarray(scores_adv, dtype=float)
+    labels = np.r_[np.zeros(len(clean)), np.ones(len(adv))]
+    return labels, np.r_[clean, adv], [*groups, *groups]
 
 
 def features_matrix(features: Mapping[str, Tensor | np.ndarray]) -> tuple[np.ndarray, list[str]]:

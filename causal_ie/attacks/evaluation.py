@@ -11,12 +11,12 @@ detector is then fitted once on the gathered rows (patient-grouped halves).
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import torch
-from sklearn.metrics import roc_auc_score
+from sklearn.metrics import roc_auc_score, roc_curve
 from torch import Tensor, nn
 from torchmetrics import Metric
 from torchmetrics.classification import MultilabelAUROC
@@ -24,20 +24,24 @@ from torchmetrics.classification import MultilabelAUROC
 from causal_ie.attacks.detection import (
     DETECTORS,
     DetectionData,
-    detect,
+    auroc_difference,
+    crossfit_scores,
     max_prob,
     prediction_change_under_noise,
+    score_detector,
 )
+from causal_ie.attacks.detectors import MahalanobisDetector, feature_squeezing_score, penultimate_features
 from causal_ie.attacks.factory import Adversarial, MultiLabelAttack
-from causal_ie.attacks.statistics import STATISTICS, box_share, ce_features, map_correlation, map_statistics
+from causal_ie.attacks.features import CEFeatureExtractor
+from causal_ie.attacks.statistics import STATISTICS, box_share, map_correlation, map_statistics
 from causal_ie.explain.explainers import Explainer, select_maps
 from causal_ie.models.findings import finding_aurocs
 
 # per-image attack outcome columns (see _outcome)
 OUTCOME_COLUMNS = ("eligible", "success", "flipped", "attacked", "linf", "l2", "l0")
-# detectors that need no CE maps, fitted on the same splits as the CE detector
-BASELINE_DETECTORS = ("max_prob", "noise_flip")
-PAIRS = ("changed", "all")
+# detectors that need no CE maps, fitted on the same splits as the CE detector (and mahalanobis)
+BASELINE_DETECTORS = ("max_prob", "noise_flip", "feature_squeezing")
+PAIRS = ("successful", "changed", "all")
 # a column of the per-image rows: ("outcome", name), ("id", "group" | "image"),
 # ("stat", explainer, statistic, side), ("feature", name, side), ("baseline", detector, side)
 Column = tuple[str, ...]
@@ -68,22 +72,31 @@ class _Rows(Metric):
 
 
 class AttackEvaluation(nn.Module):
-    """Attack, CE under attack, and CE-based detection of the adversarial images.
+    """Attack, CE under attack, and detection of the adversarial images from CE and by the
+    detectors the field already uses.
 
     Args:
         attack: the configured attack.
         findings: the classifier's finding names.
-        explainers: the CE explainers (``ce``, ``ce_latent``); their maps of every
-            finding give the statistics and the detector features.
-        detector: ``logistic`` or ``gbm``.
+        explainers: the CE explainers (``ce``, ``ce_latent``): their maps of the attacked (or most
+            likely) finding are compared clean vs adversarial (``ce_under_attack``) and drawn.
+        features: the CE detector's features (:class:`~causal_ie.attacks.features.CEFeatureExtractor`:
+            CE of every finding on coarse grids, from each image's own maps).
+        detector: ``logistic`` or ``gbm``, fitted on the CE features (and on ``combined``).
+        pairs: which (clean, adversarial) pairs the detectors are fitted and scored on:
+            ``successful`` (the attack reached its goal: what the literature scores), ``changed``
+            (the attack changed the image; APGD, Square and CW return the clean image where they
+            fail) or ``all``. With ``successful``, the changed pairs are scored as well.
         noise_std, noise_draws: the ``noise_flip`` baseline.
+        squeeze_bits, squeeze_median: the ``feature_squeezing`` baseline (Xu et al. 2018).
+        mahalanobis: the ``mahalanobis`` baseline on the penultimate features (Lee et al. 2018),
+            fitted to clean reference images by :meth:`fit_reference` (off: not scored).
         top_fraction: for the ``topk_mass`` statistic.
         examples: how many images to keep for the clean-vs-adversarial figure.
-        pairs: ``changed`` fits and scores the detectors on the images the attack
-            changed (APGD, Square and CW return the clean image where they fail,
-            which would be a clean copy labelled adversarial); ``all`` on every image.
-        repeats: detection scores are averaged over this many patient-grouped splits.
-        seed: the first split's seed.
+        repeats: each detector's out-of-sample scores are the mean over this many patient
+            2-fold cross-fits (:func:`~causal_ie.attacks.detection.crossfit_scores`).
+        n_boot: patient-bootstrap resamples of every interval.
+        seed: the first split's seed (also of the bootstrap and the noise draws).
         missing_findings: findings the classifier does not predict (NaN logits): never the
             focus, left out of means over findings, NaN AUROC.
     """
@@ -93,13 +106,18 @@ class AttackEvaluation(nn.Module):
         attack: MultiLabelAttack,
         findings: Sequence[str],
         explainers: Mapping[str, Explainer],
+        features: CEFeatureExtractor | None = None,
         detector: str = "logistic",
+        pairs: str = "successful",
         noise_std: float = 0.01,
         noise_draws: int = 4,
+        squeeze_bits: int = 5,
+        squeeze_median: int = 2,
+        mahalanobis: bool = True,
         top_fraction: float = 0.05,
         examples: int = 4,
-        repeats: int = 5,
-        pairs: str = "changed",
+        repeats: int = 2,
+        n_boot: int = 2000,
         seed: int = 0,
         missing_findings: Sequence[str] = (),
     ):
@@ -116,6 +134,7 @@ class AttackEvaluation(nn.Module):
         self.findings = tuple(findings)
         self.predicted = torch.tensor([f not in missing_findings for f in self.findings])
         self.explainers = dict(explainers)
+        self.features = features if features is not None else CEFeatureExtractor()
         # bad detection settings fail here, not after a whole test epoch of attacks
         if detector not in DETECTORS:
             raise ValueError(f"detection.detector={detector!r}: expected one of {', '.join(DETECTORS)}")
@@ -124,19 +143,43 @@ class AttackEvaluation(nn.Module):
         for key, value, ok in (
             ("noise_std", noise_std, noise_std >= 0),
             ("noise_draws", noise_draws, int(noise_draws) >= 1),
+            ("squeeze_bits", squeeze_bits, 1 <= int(squeeze_bits) <= 8),
+            ("squeeze_median", squeeze_median, int(squeeze_median) >= 1),
             ("top_fraction", top_fraction, 0 < top_fraction <= 1),
             ("examples", examples, int(examples) >= 0),
             ("repeats", repeats, int(repeats) >= 1),
+            ("n_boot", n_boot, int(n_boot) >= 100),
         ):
             if not ok:
                 raise ValueError(f"detection.{key}={value!r} is out of range")
         self.detector, self.pairs = detector, pairs
         self.noise_std, self.noise_draws = float(noise_std), int(noise_draws)
+        self.squeeze_bits, self.squeeze_median = int(squeeze_bits), int(squeeze_median)
+        self.use_mahalanobis = bool(mahalanobis)
+        self.mahalanobis: MahalanobisDetector | None = None
         self.top_fraction, self.n_examples, self.repeats, self.seed = top_fraction, int(examples), int(repeats), seed
+        self.n_boot = int(n_boot)
         self.auroc_adv = MultilabelAUROC(num_labels=len(self.findings), average=None)
         self.rows = _Rows()
         self.columns: list[Column] = []
         self.examples: list[dict[str, Any]] = []
+
+    @property
+    def baselines(self) -> tuple[str, ...]:
+        """The detectors that need no CE maps, in report order."""
+        return (*BASELINE_DETECTORS, *(("mahalanobis",) if self.use_mahalanobis else ()))
+
+    def fit_reference(self, classifier: nn.Module, images: Iterable[Tensor]) -> int:
+        """Fit the Mahalanobis baseline's Gaussian to the penultimate features of clean reference
+        images (the validation split: none of them is a detection pair). Returns their number."""
+        if not self.use_mahalanobis:
+            return 0
+        features = [penultimate_features(classifier, x) for x in images]
+        if not features:
+            raise ValueError("detection.mahalanobis needs reference images (the validation split is empty)")
+        reference = torch.cat(features)
+        self.mahalanobis = MahalanobisDetector().fit(reference)
+        return len(reference)
 
     # -- per batch --------------------------------------------------------------
     def update(
@@ -150,17 +193,20 @@ class AttackEvaluation(nn.Module):
         and ``clean_probs`` ([B, K]) of the clean images may come from the caller."""
         if torch.is_inference_mode_enabled():
             raise RuntimeError("attacks need gradients: set trainer.inference_mode=false (evaluate.yaml does)")
+        if self.use_mahalanobis and self.mahalanobis is None:
+            raise RuntimeError("detection.mahalanobis needs fit_reference(classifier, images) first (evaluate.py does it)")
         images, labels = batch["image"], batch["labels"]
-        if clean_probs is None:
-            with torch.no_grad():
-                clean_probs = classifier(images).sigmoid()
-        p_clean = clean_probs
+        with torch.no_grad():
+            logits_clean = classifier(images)
+        p_clean = logits_clean.sigmoid() if clean_probs is None else clean_probs
         adv = self.attack(classifier, images, labels, self.findings)
         with torch.no_grad():
-            p_adv = classifier(adv.images).sigmoid()
+            logits_adv = classifier(adv.images)
+        p_adv = logits_adv.sigmoid()
         self.auroc_adv.update(p_adv.nan_to_num(0.0), labels.long())
         focus = _focus_finding(adv.attacked, p_clean)
-        boxes = batch["boxes"][torch.arange(len(focus), device=focus.device), focus]
+        image_idx = torch.arange(len(focus), device=focus.device)
+        boxes = batch["boxes"][image_idx, focus]
         outcome = _outcome(adv, p_clean, p_adv, images).unbind(1)
         columns: dict[Column, Tensor] = {("outcome", name): v for name, v in zip(OUTCOME_COLUMNS, outcome)}
         # detector halves are patient-disjoint; an image without a patient id is its own patient
@@ -169,20 +215,30 @@ class AttackEvaluation(nn.Module):
             columns[("id", column)] = torch.tensor(
                 [float(group_code(g)) for g in names], dtype=torch.float64, device=images.device
             )
+        # the control beside the map statistics: the focus finding's own logit
+        for side, logits in (("clean", logits_clean), ("adv", logits_adv)):
+            columns[("stat", "classifier", "focus_logit", side)] = logits[image_idx, focus]
         focus_maps = {}  # per explainer: the focus finding's clean and adversarial maps [B, H, W]
-        image_idx = torch.arange(len(focus), device=focus.device)
         for name, explainer in self.explainers.items():
             m_clean = clean_maps[name] if clean_maps and name in clean_maps else explainer.all_findings(classifier, images)
             m_adv = explainer.all_findings(classifier, adv.images)
             focus_maps[name] = (select_maps(m_clean, image_idx, focus), select_maps(m_adv, image_idx, focus))
-            columns.update(self._map_columns(name, m_clean, m_adv, focus_maps[name], p_clean, p_adv, boxes))
+            columns.update(self._map_statistics(name, focus_maps[name], boxes))
         # one noise seed per image: the same noise in any batch or process
         seeds = [self.seed + int(c) for c in columns[("id", "image")].tolist()]
         for side, x, p in (("clean", images, p_clean), ("adv", adv.images, p_adv)):
+            for feature, value in self.features(classifier, x).items():
+                columns[("feature", feature, side)] = value
             columns[("baseline", "max_prob", side)] = max_prob(p)
             columns[("baseline", "noise_flip", side)] = prediction_change_under_noise(
                 classifier, x, std=self.noise_std, draws=self.noise_draws, seed=seeds
             )
+            columns[("baseline", "feature_squeezing", side)] = feature_squeezing_score(
+                classifier, x, bit_depth=self.squeeze_bits, median_size=self.squeeze_median
+            )
+            if self.mahalanobis is not None:
+                scores = self.mahalanobis.score(penultimate_features(classifier, x))
+                columns[("baseline", "mahalanobis", side)] = scores.to(images.device)
         if not self.columns:
             self.columns = list(columns)
         elif list(columns) != self.columns:
@@ -190,20 +246,14 @@ class AttackEvaluation(nn.Module):
         self.rows.update(torch.stack([c.to(images.device).double() for c in columns.values()], dim=1))
         self._keep_examples(batch, adv, p_clean, p_adv, focus, focus_maps)
 
-    def _map_columns(self, name, m_clean, m_adv, focus_maps, p_clean, p_adv, boxes) -> dict[Column, Tensor]:
+    def _map_statistics(self, name: str, focus_maps: tuple[Tensor, Tensor], boxes: Tensor) -> dict[Column, Tensor]:
+        """The focus finding's map, clean vs adversarial: statistics, box share, correlation."""
         cols: dict[Column, Tensor] = {}
-        # characterisation: the focus finding's map, clean vs adversarial
         for side, maps in zip(("clean", "adv"), focus_maps):
             for stat, value in map_statistics(maps, self.top_fraction).items():
                 cols[("stat", name, stat, side)] = value
             cols[("stat", name, "box_share", side)] = box_share(maps, boxes)
         cols[("stat", name, "correlation_with_clean", "adv")] = map_correlation(*focus_maps)
-        # detector features: from each input's own maps and probabilities only
-        for side, maps, probs in (("clean", m_clean, p_clean), ("adv", m_adv, p_adv)):
-            if maps.shape[1] == 1:  # one map for all findings (outcome=ece): "top" is that map
-                probs = probs.amax(1, keepdim=True)
-            for feature, value in ce_features(maps, probs, prefix=f"{name}.", top_fraction=self.top_fraction).items():
-                cols[("feature", feature, side)] = value
         return cols
 
     def _keep_examples(self, batch, adv: Adversarial, p_clean, p_adv, focus, focus_maps) -> None:
@@ -268,77 +318,109 @@ class AttackEvaluation(nn.Module):
             "perturbation": {k: float(np.mean(col[("outcome", k)])) for k in ("linf", "l2", "l0")},
         }
 
-    def _characterisation(self, col: Mapping[str, np.ndarray]) -> dict[str, Any]:
+    def _characterisation(self, col: Mapping[Column, np.ndarray]) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for name in self.explainers:
             out[name] = {}
             for stat in (*STATISTICS, "box_share"):
-                clean, adv = col[("stat", name, stat, "clean")], col[("stat", name, stat, "adv")]
-                out[name][stat] = {
-                    "clean_mean": _nanmean(clean),
-                    "adv_mean": _nanmean(adv),
-                    # how well this one statistic alone separates the two (0.5: not at all)
-                    "separation_auroc": _separation(clean, adv),
-                }
+                out[name][stat] = _shift(col[("stat", name, stat, "clean")], col[("stat", name, stat, "adv")])
             correlation = col[("stat", name, "correlation_with_clean", "adv")]
             out[name]["correlation_with_clean"] = {"adv_mean": _nanmean(correlation)}
+        # the control: how well the focus finding's logit alone separates (the statistics above
+        # know which finding was attacked, and CE partly re-encodes its confidence)
+        logit = _shift(col[("stat", "classifier", "focus_logit", "clean")], col[("stat", "classifier", "focus_logit", "adv")])
+        out["classifier"] = {"focus_logit": logit}
         return out
 
-    def _detection(self, col: Mapping[str, np.ndarray]):
-        if self.pairs == "changed":
-            keep = col[("outcome", "l0")] > 0
-            col = {k: v[keep] for k, v in col.items()}
-        groups = [str(int(g)) for g in col[("id", "group")]]
-        if len(set(groups)) < 2:
+    def _pair_selection(self, col: Mapping[Column, np.ndarray], pairs: str) -> np.ndarray:
+        if pairs == "successful":
+            return (col[("outcome", "eligible")] > 0) & (col[("outcome", "success")] > 0)
+        if pairs == "changed":
+            return col[("outcome", "l0")] > 0
+        return np.ones(len(col[("outcome", "l0")]), dtype=bool)
+
+    def _detector_inputs(self, col: Mapping[Column, np.ndarray]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """(clean [N, F], adversarial [N, F]) per detector: ``ce`` (every CE feature), ``ce_pixel`` /
+        ``ce_latent`` (each view alone, when there is a latent one), the baselines (one score each)
+        and ``combined`` (CE and every baseline)."""
+        feats = [key[1] for key in self.columns if key[0] == "feature" and key[-1] == "clean"]
+
+        def stack(names: Sequence[str], kind: str = "feature") -> tuple[np.ndarray, np.ndarray]:
+            return tuple(np.stack([col[(kind, f, side)] for f in names], axis=1) for side in ("clean", "adv"))  # type: ignore[return-value]
+
+        inputs = {"ce": stack(feats)}
+        latent = [f for f in feats if f.startswith(("latent.", "agreement."))]
+        if latent and len(latent) < len(feats):
+            inputs["ce_pixel"] = stack([f for f in feats if f not in latent])
+            inputs["ce_latent"] = stack(latent)
+        for baseline in self.baselines:
+            inputs[baseline] = stack([baseline], kind="baseline")
+        parts = [inputs["ce"], *(inputs[b] for b in self.baselines)]
+        inputs["combined"] = (np.concatenate([p[0] for p in parts], 1), np.concatenate([p[1] for p in parts], 1))
+        return inputs
+
+    def _scores(self, inputs, groups, selection):
+        """Out-of-sample (cross-fitted) scores of every detector on the selected pairs."""
+        scores, n_train = {}, {}
+        for name, (clean, adv) in inputs.items():
+            kind = "logistic" if name in self.baselines else self.detector
+            c, a, n = crossfit_scores(clean[selection], adv[selection], groups, kind=kind, seed=self.seed, repeats=self.repeats)
+            scores[name], n_train[name] = (c, a), n
+        return scores, n_train
+
+    def _detection(self, col: Mapping[Column, np.ndarray]):
+        selection = self._pair_selection(col, self.pairs)
+        all_groups = [str(int(g)) for g in col[("id", "group")]]
+        groups = [g for g, keep in zip(all_groups, selection) if keep]
+        if len(set(groups)) < 4:
             raise ValueError(
-                f"detection needs images of at least 2 patients that the attack changed, got {len(set(groups))}: "
-                "score more test images (data.test_subset) or a stronger attack (attack.eps)"
+                f"detection needs {self.pairs} attack pairs from at least 4 patients (2 per cross-fit half), got "
+                f"{len(set(groups))} ({int(selection.sum())} pairs): attack more test images (detection.test_images) or "
+                "use a stronger attack (attack.eps), or set detection.pairs=changed or all"
             )
-        feats = sorted(key[1] for key in col if key[0] == "feature" and key[-1] == "clean")
-        # `ce`: every CE feature (input-space and latent maps); with both, each alone as well (`ce_input`, `ce_latent`)
-        sets = {"ce": feats}
-        if len(self.explainers) > 1:
-            for name in self.explainers:
-                sets["ce_input" if name == "ce" else name] = [f for f in feats if f.startswith(f"{name}.")]
+        inputs = self._detector_inputs(col)
+        scores, n_train = self._scores(inputs, groups, selection)
         detection: dict[str, Any] = {
             "detector": self.detector,
-            "features": len(feats),
+            "features": int(inputs["ce"][0].shape[1]),
             "pairs": self.pairs,
             "images": len(groups),
+            "repeats": self.repeats,
         }
         curves: dict[str, tuple[np.ndarray, np.ndarray, float]] = {}
-        for label, names in sets.items():
-            clean = np.stack([col[("feature", f, "clean")] for f in names], axis=1)
-            adv = np.stack([col[("feature", f, "adv")] for f in names], axis=1)
-            detection[label], curves[label] = self._repeated(clean, adv, groups, self.detector)
-        for baseline in BASELINE_DETECTORS:
-            clean, adv = col[("baseline", baseline, "clean")], col[("baseline", baseline, "adv")]
-            detection[baseline], curves[baseline] = self._repeated(clean[:, None], adv[:, None], groups, "logistic")
+        for name, (clean, adv) in scores.items():
+            detection[name] = {**score_detector(clean, adv, groups, self.n_boot, self.seed), "n_train": n_train[name]}
+            fpr, tpr, _ = roc_curve(np.r_[np.zeros(len(clean)), np.ones(len(adv))], np.r_[clean, adv])
+            curves[name] = (fpr, tpr, detection[name]["auroc"])
+        # every detector that uses CE against every baseline: the difference and its interval
+        for name in (n for n in scores if n not in self.baselines):
+            detection[name]["auroc_minus"] = {}
+            for baseline in self.baselines:
+                diff, low, high = auroc_difference(scores[name], scores[baseline], groups, self.n_boot, self.seed)
+                detection[name]["auroc_minus"].update(
+                    {baseline: diff, f"{baseline}_ci_low": low, f"{baseline}_ci_high": high}
+                )
+        if self.pairs == "successful":  # the changed pairs too, as earlier studies scored them
+            changed = self._pair_selection(col, "changed")
+            changed_groups = [g for g, keep in zip(all_groups, changed) if keep]
+            if len(set(changed_groups)) >= 4:
+                changed_scores, _ = self._scores(inputs, changed_groups, changed)
+                detection["changed_pairs"] = {
+                    name: {k: v for k, v in score_detector(c, a, changed_groups, self.n_boot, self.seed).items()
+                           if k.startswith("auroc") or k == "n_test"}
+                    for name, (c, a) in changed_scores.items()
+                }
+        clean, adv = inputs["ce"]
         data = DetectionData(
-            features_clean=np.stack([col[("feature", f, "clean")] for f in feats], axis=1),
-            features_adv=np.stack([col[("feature", f, "adv")] for f in feats], axis=1),
-            feature_names=feats,
+            features_clean=clean[selection],
+            features_adv=adv[selection],
+            feature_names=[key[1] for key in self.columns if key[0] == "feature" and key[-1] == "clean"],
             # 48-bit codes of the image and patient ids (the rows travel between processes as floats)
-            ids=[str(int(i)) for i in col[("id", "image")]],
+            ids=[str(int(i)) for i, keep in zip(col[("id", "image")], selection) if keep],
             groups=groups,
             seed=self.seed,
         )
         return detection, curves, data
-
-    def _repeated(self, clean: np.ndarray, adv: np.ndarray, groups: list[str], kind: str):
-        """Detection scores averaged over ``repeats`` patient-grouped splits (seed, seed+1, ...):
-        with a few hundred images one split's AUROC moves by several hundredths.
-        The ROC curve is the first split's."""
-        runs = [detect(clean, adv, groups, seed=self.seed + r, kind=kind) for r in range(self.repeats)]
-        scores = runs[0].as_dict()
-        aurocs = np.array([r.auroc for r in runs])
-        scores.update(
-            auroc=float(aurocs.mean()),
-            **{"tpr@5fpr": float(np.mean([r.tpr_at_5fpr for r in runs]))},
-            auroc_std=float(aurocs.std()),
-            splits=self.repeats,
-        )
-        return scores, (runs[0].fpr, runs[0].tpr, runs[0].auroc)
 
 
 def _focus_finding(attacked: Tensor, probs: Tensor) -> Tensor:
@@ -373,6 +455,11 @@ def _outcome(adv: Adversarial, p_clean: Tensor, p_adv: Tensor, images: Tensor) -
         ],
         dim=1,
     )
+
+
+def _shift(clean: np.ndarray, adv: np.ndarray) -> dict[str, float]:
+    """A statistic clean vs adversarial: both means, and how well it alone separates them."""
+    return {"clean_mean": _nanmean(clean), "adv_mean": _nanmean(adv), "separation_auroc": _separation(clean, adv)}
 
 
 def _nanmean(x: np.ndarray) -> float:

@@ -4,9 +4,8 @@ A CE map of finding k holds, per pixel, how much the predicted probability of
 k drops when that region is intervened on; values may be negative (the
 intervention *raised* the probability). Adversarial perturbations tend to
 change the *shape* of these maps (how peaked, how spread out, how much
-negative effect), so the statistics here serve two purposes: comparing the CE
-maps of clean vs attacked images, and acting as features of an adversarial
-detector (:func:`ce_features`, consumed by :mod:`causal_ie.attacks.detection`).
+negative effect); the statistics here compare the CE maps of clean vs attacked
+images (the detector's own features are in :mod:`causal_ie.attacks.features`).
 
 Every function takes maps ``[..., H, W]`` with any leading dims and reduces the
 last two. Definitions (``m`` one map, ``a = |m|``, ``p = a / sum(a)``):
@@ -36,7 +35,7 @@ from torch import Tensor
 
 STATISTICS: tuple[str, ...] = ("max_effect", "total_positive", "total_negative", "entropy", "spread", "topk_mass")
 
-__all__ = ["STATISTICS", "box_share", "ce_features", "map_correlation", "map_statistics"]
+__all__ = ["STATISTICS", "box_share", "map_correlation", "map_statistics"]
 
 
 def _check_maps(maps: Tensor, name: str = "maps") -> None:
@@ -151,40 +150,3 @@ def map_correlation(a: Tensor, b: Tensor) -> Tensor:
     denom = (x.square().sum(-1) * y.square().sum(-1)).sqrt()
     corr = (x * y).sum(-1) / torch.where(constant, torch.ones_like(denom), denom)
     return torch.where(constant, torch.full_like(corr, float("nan")), corr.clamp(-1.0, 1.0))
-
-
-def ce_features(maps: Tensor, probs: Tensor, prefix: str = "", top_fraction: float = 0.05) -> dict[str, Tensor]:
-    """Detector features of each input from its own CE maps (no clean reference needed).
-
-    ``maps [N, K, H, W]`` are the CE maps of every finding, ``probs [N, K]`` the
-    predicted probabilities of the same inputs. For each statistic ``s`` of
-    :data:`STATISTICS`, in that order, two features ``[N]``:
-
-    * ``f"{prefix}{s}.top"``: ``s`` of the map of the most probable finding
-      (argmax over K per image; ties go to the first such finding);
-    * ``f"{prefix}{s}.mean"``: the mean of ``s`` over the K findings' maps.
-
-    Findings the classifier does not predict (NaN probabilities and maps) are never the
-    top one and are left out of the mean.
-
-    So keys run ``max_effect.top, max_effect.mean, total_positive.top, ...``.
-    """
-    _check_maps(maps)
-    if maps.ndim != 4:
-        raise ValueError(f"maps must be [N, K, H, W], got shape {tuple(maps.shape)}")
-    probs = torch.as_tensor(probs)
-    if probs.shape != maps.shape[:2]:
-        raise ValueError(
-            f"probs must be [N, K] = {tuple(maps.shape[:2])} to match maps {tuple(maps.shape)}, "
-            f"got shape {tuple(probs.shape)}"
-        )
-    if maps.shape[1] == 0:
-        raise ValueError("maps must hold at least one finding (K >= 1)")
-    stats = map_statistics(maps, top_fraction)
-    top = probs.detach().to(maps.device).nan_to_num(float("-inf")).argmax(dim=1, keepdim=True)  # [N, 1]
-    features: dict[str, Tensor] = {}
-    for name in STATISTICS:
-        values = stats[name]  # [N, K]
-        features[f"{prefix}{name}.top"] = values.gather(1, top).squeeze(1)
-        features[f"{prefix}{name}.mean"] = values.nanmean(dim=1)
-    return features

@@ -121,20 +121,28 @@ STATISTIC_SHIFT: Tree = {
 }
 
 DETECTOR_SCORES: Tree = {
-    "auroc": Key(float, "detection AUROC on the held-out half (mean over splits)", True),
-    "tpr@5fpr": Key(float, "true positive rate at 5 % false positive rate on the held-out half (mean over splits)", True),
-    "n_train": Key(int, "image pairs the detector was trained on (first split)"),
-    "n_test": Key(int, "image pairs it was scored on (first split)"),
-    "auroc_std": Key(float, "standard deviation of the AUROC over the re-splits of the same images (not an interval)"),
-    "splits": Key(int, "patient-grouped splits averaged"),
+    "auroc": Key(float, "detection AUROC over every selected pair, each scored out of sample (patient 2-fold cross-fit)", True),
+    "tpr@5fpr": Key(float, "true positive rate at 5 % false positive rate, same scores", True),
+    "n_test": Key(int, "image pairs scored"),
+    "n_train": Key(int, "image pairs the smallest training half held"),
+    "auroc_minus": {
+        "<detector>": Key(float, "this detector's AUROC minus the baseline detector's on the same pairs", True),
+    },
 }
 
 DETECTION: Tree = {
     "detector": Key(str, "the classifier on the CE features: logistic or gbm"),
     "features": Key(int, "CE features per image"),
-    "pairs": Key(str, "which (clean, adversarial) pairs enter: changed (the attack changed the image) or all"),
+    "pairs": Key(str, "which (clean, adversarial) pairs enter: successful (the attack reached its goal), changed or all"),
     "images": Key(int, "image pairs the detectors were fitted and scored on"),
+    "repeats": Key(int, "cross-fits averaged per detector"),
     "<detector>": DETECTOR_SCORES,
+    "changed_pairs": {
+        "<detector>": {
+            "auroc": Key(float, "detection AUROC on the pairs the attack changed (successful or not)", True),
+            "n_test": Key(int, "changed pairs scored"),
+        }
+    },
 }
 
 EVALUATION: Tree = {
@@ -149,6 +157,7 @@ EVALUATION: Tree = {
     "faithfulness": {"<method>": FAITHFULNESS},
     "attack": ATTACK,
     "ce_under_attack": {
+        "classifier": {"focus_logit": STATISTIC_SHIFT},  # the control: the attacked finding's logit alone
         "<method>": {
             "<statistic>": STATISTIC_SHIFT,
             "correlation_with_clean": {"adv_mean": Key(float, "mean Pearson correlation of the adversarial map with the clean one")},
