@@ -59,9 +59,10 @@ def build_attack_evaluation(cfg: DictConfig, classifier: nn.Module, explainers: 
     """The attack study from ``attack`` and ``detection`` (None for ``attack=none``)."""
     if not cfg.get("attack"):
         return None
-    attack = instantiate(cfg.attack, _convert_="all")
+    attack_cfg = OmegaConf.masked_copy(cfg.attack, [k for k in cfg.attack if k != "adaptive"])
+    attack = instantiate(attack_cfg, _convert_="all")
     settings = instantiate(cfg.get("detection", {}), _convert_="all")
-    for key in ("test_images", "reference_images"):  # settings of the run, not of the study
+    for key in ("test_images", "reference_images", "adaptive"):  # settings of the run, not of the study
         settings.pop(key, None)
     ce = {name: e for name, e in explainers.items() if name in ("ce", "ce_latent")}
     missing = tuple(getattr(classifier, "missing_findings", ()))
@@ -100,6 +101,10 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         cfg.trainer, logger=loggers or False, callbacks=[figures, *instantiate_dict(cfg.get("callbacks"))]
     )
     trainer.test(module, datamodule=datamodule)
+    if attack is not None and cfg.attack.get("adaptive") and trainer.is_global_zero:
+        study = instantiate(cfg.detection.adaptive, _convert_="all")
+        adaptive = study.run(attack, classifier, datamodule.dataset("test"), module.artefacts["attack"]["rows"])
+        module.results["detection"]["adaptive"] = adaptive
     # every rank holds the synced results (so sweepers get the metric); rank 0 writes them
     results: dict[str, Any] = {
         "run": {
@@ -129,6 +134,12 @@ def _print_summary(results: dict[str, Any], out_dir: Path) -> None:
         a, d = results["attack"], results["detection"]
         print(f"attack {a['name']} eps={a['eps']}: success rate {a['success_rate']:.3f}, AUROC under attack {a['auroc_mean']:.3f}")
         for name, scores in d.items():
-            if isinstance(scores, dict):  # one entry per detector; the rest are settings
-                print(f"detection {name:>12}: AUROC {scores['auroc']:.3f}, TPR@5%FPR {scores['tpr@5fpr']:.3f}")
+            if isinstance(scores, dict) and "auroc" in scores:  # one entry per detector
+                print(
+                    f"detection {name:>17}: AUROC {scores['auroc']:.3f} [{scores['auroc_ci_low']:.3f}, "
+                    f"{scores['auroc_ci_high']:.3f}], TPR@5%FPR {scores['tpr@5fpr']:.3f}"
+                )
+        for name, scores in d.get("adaptive", {}).items():
+            if isinstance(scores, dict):
+                print(f"adaptive attack, {name:>9}: AUROC {scores['auroc']:.3f}")
     print(f"results: {out_dir / 'results.json'}\nreport:  {out_dir / 'report.md'}")

@@ -151,3 +151,20 @@ def test_attack_eps_sweep_summary_and_transfer(tmp_path, checkpoint):
         data = load_detection_data(sweep / str(i) / "detection.npz")
         own = detect(data.features_clean, data.features_adv, data.groups, seed=data.seed).auroc
         assert matrix[i, i] == pytest.approx(own, abs=1e-9)
+
+
+def test_adaptive_attacker_who_knows_the_ce_detector(tmp_path, checkpoint):
+    cfg = eval_cfg(tmp_path, checkpoint, *ATTACK_EVAL, "attack=pgd", "attack.eps=0.05", "attack.steps=3",
+                   "attack.adaptive=true", "detection.adaptive.images=8", "detection.adaptive.weights=[1.0]",
+                   "detection.adaptive.steps=2", "detection.features.grids=[4]", "detection.mahalanobis=false")
+    results, _ = evaluate(cfg)
+    assert problems(results, EVALUATION) == []
+    adaptive = results["detection"]["adaptive"]
+    assert adaptive["attacked"] == "ce" and adaptive["images"] >= 8 and adaptive["weights"] == [1.0]
+    succeeded = round(adaptive["success_rate"] * adaptive["images"])
+    if succeeded:  # every detector scored the same successful adaptive pairs
+        for name in ("ce", "max_prob", "noise_flip", "feature_squeezing", "combined"):
+            assert adaptive[name]["n_test"] == succeeded, name
+            assert adaptive[name]["auroc_ci_low"] <= adaptive[name]["auroc"] <= adaptive[name]["auroc_ci_high"]
+    report = (tmp_path / "report.md").read_text()
+    assert "Against an adaptive attacker" in report

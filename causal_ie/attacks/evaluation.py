@@ -224,27 +224,36 @@ class AttackEvaluation(nn.Module):
             m_adv = explainer.all_findings(classifier, adv.images)
             focus_maps[name] = (select_maps(m_clean, image_idx, focus), select_maps(m_adv, image_idx, focus))
             columns.update(self._map_statistics(name, focus_maps[name], boxes))
-        # one noise seed per image: the same noise in any batch or process
-        seeds = [self.seed + int(c) for c in columns[("id", "image")].tolist()]
         for side, x, p in (("clean", images, p_clean), ("adv", adv.images, p_adv)):
-            for feature, value in self.features(classifier, x).items():
-                columns[("feature", feature, side)] = value
-            columns[("baseline", "max_prob", side)] = max_prob(p)
-            columns[("baseline", "noise_flip", side)] = prediction_change_under_noise(
-                classifier, x, std=self.noise_std, draws=self.noise_draws, seed=seeds
-            )
-            columns[("baseline", "feature_squeezing", side)] = feature_squeezing_score(
-                classifier, x, bit_depth=self.squeeze_bits, median_size=self.squeeze_median
-            )
-            if self.mahalanobis is not None:
-                scores = self.mahalanobis.score(penultimate_features(classifier, x))
-                columns[("baseline", "mahalanobis", side)] = scores.to(images.device)
+            columns.update(self.detector_inputs(classifier, x, p, columns[("id", "image")], side))
         if not self.columns:
             self.columns = list(columns)
         elif list(columns) != self.columns:
             raise RuntimeError("attack evaluation columns changed between batches")
         self.rows.update(torch.stack([c.to(images.device).double() for c in columns.values()], dim=1))
         self._keep_examples(batch, adv, p_clean, p_adv, focus, focus_maps)
+
+    def detector_inputs(
+        self, classifier: nn.Module, x: Tensor, probs: Tensor, image_codes: Tensor, side: str
+    ) -> dict[Column, Tensor]:
+        """What every detector reads of images ``x``: the CE features and the baselines' scores
+        (``probs``: the classifier's probabilities on ``x``; ``image_codes``: per image, seeding
+        its noise draws, so an image gets the same noise in any batch or process)."""
+        seeds = [self.seed + int(c) for c in image_codes.tolist()]
+        columns: dict[Column, Tensor] = {
+            ("feature", feature, side): value for feature, value in self.features(classifier, x).items()
+        }
+        columns[("baseline", "max_prob", side)] = max_prob(probs)
+        columns[("baseline", "noise_flip", side)] = prediction_change_under_noise(
+            classifier, x, std=self.noise_std, draws=self.noise_draws, seed=seeds
+        )
+        columns[("baseline", "feature_squeezing", side)] = feature_squeezing_score(
+            classifier, x, bit_depth=self.squeeze_bits, median_size=self.squeeze_median
+        )
+        if self.mahalanobis is not None:
+            scores = self.mahalanobis.score(penultimate_features(classifier, x))
+            columns[("baseline", "mahalanobis", side)] = scores.to(x.device)
+        return columns
 
     def _map_statistics(self, name: str, focus_maps: tuple[Tensor, Tensor], boxes: Tensor) -> dict[Column, Tensor]:
         """The focus finding's map, clean vs adversarial: statistics, box share, correlation."""
@@ -295,7 +304,10 @@ class AttackEvaluation(nn.Module):
         results["detection"] = detection
         stat_keys = [key for key in self.columns if key[0] == "stat" and key[-1] == "clean"]
         stats = {side: {f"{key[1]}.{key[2]}": col[(*key[:3], side)] for key in stat_keys} for side in ("clean", "adv")}
-        return results, {"statistics": stats, "roc": curves, "detection_data": data, "examples": self.examples}
+        # the per-image rows and the pairs the detectors saw: the adaptive study refits from them
+        rows_kept = {"columns": col, "selection": self._pair_selection(col, self.pairs)}
+        return results, {"statistics": stats, "roc": curves, "detection_data": data, "examples": self.examples,
+                         "rows": rows_kept}
 
     def _attack_results(self, col: Mapping[Column, np.ndarray], auroc_mean: float, per_finding: list[float]) -> dict[str, Any]:
         eligible = col[("outcome", "eligible")] > 0
@@ -339,7 +351,7 @@ class AttackEvaluation(nn.Module):
             return col[("outcome", "l0")] > 0
         return np.ones(len(col[("outcome", "l0")]), dtype=bool)
 
-    def _detector_inputs(self, col: Mapping[Column, np.ndarray]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    def detector_matrices(self, col: Mapping[Column, np.ndarray]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         """(clean [N, F], adversarial [N, F]) per detector: ``ce`` (every CE feature), ``ce_pixel`` /
         ``ce_latent`` (each view alone, when there is a latent one), the baselines (one score each)
         and ``combined`` (CE and every baseline)."""
@@ -378,7 +390,7 @@ class AttackEvaluation(nn.Module):
                 f"{len(set(groups))} ({int(selection.sum())} pairs): attack more test images (detection.test_images) or "
                 "use a stronger attack (attack.eps), or set detection.pairs=changed or all"
             )
-        inputs = self._detector_inputs(col)
+        inputs = self.detector_matrices(col)
         scores, n_train = self._scores(inputs, groups, selection)
         detection: dict[str, Any] = {
             "detector": self.detector,

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from causal_ie.attacks.adaptive import straight_through_flip
 from causal_ie.data.findings import FINDINGS
 from causal_ie.interventions import InterventionSpec, latent_effect
 from causal_ie.interventions.engine import pixel_space_effects
@@ -43,15 +44,22 @@ from causal_ie.runtime import eval_mode, to_model
 PER_FINDING = ("max", "min", "l1", "flip")
 
 
-def region_features(effects: Tensor, logits: Tensor, prefix: str, nearest: int = 3) -> dict[str, Tensor]:
+def region_features(
+    effects: Tensor, logits: Tensor, prefix: str, nearest: int = 3, differentiable: bool = False
+) -> dict[str, Tensor]:
     """Features [N] of effects [N, K, R] on logits [N, K] (see the module docstring); names
-    start with ``prefix``. NaN logits (findings the model does not predict) are left out."""
+    start with ``prefix``. NaN logits (findings the model does not predict) are left out.
+    ``differentiable``: the flip shares get the gradient of a sigmoid surrogate (BPDA), for an
+    attacker who differentiates through the detector; their values are unchanged."""
     n, k, r = effects.shape
     if logits.shape != (n, k):
         raise ValueError(f"logits must be [N, K] = {(n, k)} to match effects {tuple(effects.shape)}")
     known = torch.isfinite(logits)  # [N, K]
     after = logits[..., None] - effects
-    flip = ((after > 0) != (logits[..., None] > 0)).to(effects.dtype).mean(-1)
+    if differentiable:
+        flip = straight_through_flip(logits[..., None], after).mean(-1)
+    else:
+        flip = ((after > 0) != (logits[..., None] > 0)).to(effects.dtype).mean(-1)
     per = {
         "max": effects.amax(-1),
         "min": effects.amin(-1),
@@ -139,8 +147,10 @@ class CEFeatureExtractor:
                 effects, _ = pixel_space_effects(model, images, lambda x, w=window: WindowGrid.create(tuple(x.shape[-2:]), w, w), spec)
                 views[f"g{grid}_{baseline}"] = effects
         if self.latent_layer:
-            with torch.set_grad_enabled(differentiable):
-                latent = latent_effect(model, images, layer=self.latent_layer, outcome=self.outcome, batch_size=self.batch_size)
+            latent = latent_effect(
+                model, images, layer=self.latent_layer, outcome=self.outcome, batch_size=self.batch_size,
+                differentiable=differentiable,
+            )
             views["latent"] = latent.flatten(2)
         return views
 
@@ -153,7 +163,7 @@ class CEFeatureExtractor:
         views = self.effects(model, images, differentiable)
         features: dict[str, Tensor] = {}
         for name, effects in views.items():
-            features.update(region_features(effects, logits, f"{name}.", self.nearest))
+            features.update(region_features(effects, logits, f"{name}.", self.nearest, differentiable))
         if "latent" in views:
             latent = views["latent"]
             cells = round(math.sqrt(latent.shape[-1]))

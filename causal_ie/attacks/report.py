@@ -19,7 +19,7 @@ from causal_ie.attacks.figures import (
 )
 from causal_ie.io import atomic_write_text
 from causal_ie.outputs.report import Figures
-from causal_ie.outputs.tables import fmt, markdown_table
+from causal_ie.outputs.tables import fmt, fmt_interval, markdown_table
 
 log = logging.getLogger(__name__)
 
@@ -77,23 +77,81 @@ class AttackReport:
                 "",
             ]
         det = results.get("detection", {})
-        scored = {k: v for k, v in det.items() if isinstance(v, Mapping)}
+        scored = {k: v for k, v in det.items() if isinstance(v, Mapping) and k not in ("changed_pairs", "adaptive")}
         if scored:
             rows = [
-                [k, v.get("auroc", nan), v.get("auroc_std", nan), v.get("tpr@5fpr", nan), v.get("splits", 1),
-                 f"{v.get('n_train', '?')} / {v.get('n_test', '?')}"]
+                [k, fmt_interval(v.get("auroc", nan), v.get("auroc_ci_low"), v.get("auroc_ci_high")),
+                 fmt_interval(v.get("tpr@5fpr", nan), v.get("tpr@5fpr_ci_low"), v.get("tpr@5fpr_ci_high")),
+                 v.get("n_test", "?"), v.get("n_train", "?")]
                 for k, v in scored.items()
+                if k not in ("changed_pairs", "adaptive")
             ]
             parts += [
-                f"### Detection ({det.get('detector', '?')} detector, trained on one patient-grouped half, "
-                "scored on the other; mean over splits)",
+                f"### Detection on {det.get('images', '?')} {det.get('pairs', '?')} pairs ({det.get('detector', '?')} "
+                "CE detector; every pair scored by detectors fitted on the other half of the patients, "
+                f"{det.get('repeats', 1)} cross-fits; 95 % patient-bootstrap intervals)",
                 "",
-                markdown_table(["features", "AUROC", "± std over splits", "TPR at 5% FPR", "splits", "train / test images"], rows),
+                markdown_table(["detector", "AUROC", "TPR at 5% FPR", "pairs scored", "pairs per training half"], rows),
                 "",
-                "ROC curves: the first split.",
+                "ROC curves: the pooled out-of-sample scores.",
                 "",
             ]
+            parts += self._differences(scored)
+        parts += self._adaptive(det)
         return parts
+
+    @staticmethod
+    def _differences(scored: Mapping[str, Any]) -> list[str]:
+        rows = [
+            [name, baseline, fmt_interval(v[baseline], v.get(f"{baseline}_ci_low"), v.get(f"{baseline}_ci_high"))]
+            for name, scores in scored.items()
+            for v in [scores.get("auroc_minus", {})]
+            for baseline in v
+            if not baseline.endswith(("_ci_low", "_ci_high"))
+        ]
+        if not rows:
+            return []
+        return [
+            "AUROC differences on the same pairs (detector minus baseline, 95 % paired patient-bootstrap interval):",
+            "",
+            markdown_table(["detector", "baseline", "difference"], rows),
+            "",
+        ]
+
+    @staticmethod
+    def _adaptive(det: Mapping[str, Any]) -> list[str]:
+        adaptive = det.get("adaptive")
+        if not adaptive:
+            return []
+        rows = []
+        for name, v in adaptive.items():
+            if not isinstance(v, Mapping):
+                continue
+            before = det.get(name, {})
+            drop = (
+                v.get("auroc_ci_high") is not None
+                and before.get("auroc_ci_low") is not None
+                and v["auroc_ci_high"] < before["auroc_ci_low"]
+            )
+            rows.append([
+                name,
+                fmt_interval(before.get("auroc"), before.get("auroc_ci_low"), before.get("auroc_ci_high")),
+                fmt_interval(v["auroc"], v.get("auroc_ci_low"), v.get("auroc_ci_high")),
+                v.get("n_test", "?"),
+                "non-adaptive attacker only" if drop else "holds",
+            ])
+        return [
+            f"### Against an adaptive attacker (knows the {adaptive.get('attacked', 'ce')} detector)",
+            "",
+            f"{adaptive.get('images', '?')} clean images attacked again on the classification loss minus lambda "
+            f"times the detector's logit (lambda schedule {adaptive.get('weights')}); the attack reached its goal "
+            f"on {fmt(adaptive.get('success_rate'))} of them. Each detector is fitted on the other patients' "
+            "non-adaptive pairs. 'non-adaptive attacker only': the AUROC interval under this attack lies "
+            "entirely below the non-adaptive one.",
+            "",
+            markdown_table(["detector", "AUROC non-adaptive", "AUROC adaptive", "pairs", "verdict"], rows),
+            "",
+        ]
 
     def write_artefacts(self, out_dir: Path, results: Mapping[str, Any], artefacts: Mapping[str, Any]) -> Figures:
         save_detection_data(out_dir / DETECTION_FILE, artefacts["detection_data"])

@@ -285,12 +285,12 @@ def _latent_effects(
     model: nn.Module, x: Tensor, layer: str, mode: str, space: LatentSpace | None, spec: InterventionSpec
 ) -> tuple[Tensor, Tensor]:
     """Effects ([N, K, h, w] or [N, K, C]) and the latent activation [N, C, h, w]."""
-    check_images(x)
+    check_images(x.detach())
     if mode not in LATENT_MODES:
         raise ValueError(f"mode must be one of {LATENT_MODES}, got {mode!r}")
     _check_latent_baseline(spec.baseline)
     inputs = to_model(model, x)
-    with eval_mode(model), torch.no_grad():
+    with eval_mode(model), torch.set_grad_enabled(spec.differentiable):
         space = space if space is not None else latent_split(model, layer)
         latent, context = space.encode(inputs)
         if latent.dim() != 4:

@@ -143,6 +143,17 @@ DETECTION: Tree = {
             "n_test": Key(int, "changed pairs scored"),
         }
     },
+    "adaptive": {
+        "attacked": Key(str, "the detector the adaptive attacker differentiates through (ce)"),
+        "images": Key(int, "clean images attacked again by the adaptive attacker"),
+        "success_rate": Key(float, "share of them where the adaptive attack still reached its goal"),
+        "weights": Key(list, "the attacker's lambda schedule (loss - lambda * detector logit)"),
+        "<detector>": {
+            "auroc": Key(float, "the detector (fitted on the other patients' non-adaptive pairs) on clean vs adaptive images", True),
+            "tpr@5fpr": Key(float, "its true positive rate at 5 % false positive rate", True),
+            "n_test": Key(int, "successful adaptive pairs scored"),
+        },
+    },
 }
 
 EVALUATION: Tree = {
