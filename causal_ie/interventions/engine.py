@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from causal_ie.interventions.baselines import Baseline
+from causal_ie.interventions.incremental import incremental_forward
 from causal_ie.interventions.spec import InterventionSpec
 from causal_ie.interventions.windows import WindowGrid
 from causal_ie.runtime import eval_mode, to_model
@@ -224,13 +225,18 @@ def pixel_space_effects(
     model: nn.Module, x: Tensor, regions_for: Callable[[Tensor], Regions], spec: InterventionSpec
 ) -> tuple[Tensor, Regions]:
     """What every pixel-space region kind shares: checks, the model's device, eval mode and
-    no_grad (unless ``spec.differentiable``), the baseline, the engine. Returns effects [N, K, R_max] on the model's device and
+    no_grad (unless ``spec.differentiable``), the baseline, incremental inference (unless
+    ``spec.incremental`` is off), the engine. Returns effects [N, K, R_max] on the model's device and
     the regions ``regions_for(images on that device)`` built."""
     check_images(x.detach())
     inputs = to_model(model, x)
     regions = regions_for(inputs.detach())
     with eval_mode(model), torch.set_grad_enabled(spec.differentiable):
-        effects = region_effects(image_forward(model), inputs, regions, spec.baseline_for(inputs), spec)
+        if spec.incremental and not spec.differentiable:
+            forward = incremental_forward(model, inputs)
+        else:
+            forward = image_forward(model)
+        effects = region_effects(forward, inputs, regions, spec.baseline_for(inputs), spec)
     return effects, regions
 
 

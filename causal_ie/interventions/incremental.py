@@ -30,31 +30,37 @@ the rest of the network in full on the patched activation (the *cut*):
   and ``reason`` say so (logged once per model).
 
 Exactness: the same kernels run on the same values; only the spatial extent
-of each op differs. On CPU, convolutions of a region with padding 0 give the
-bitwise values of the padded full convolution in most cases; oneDNN may pick
-another algorithm for some shapes (seen: 1x1 stride-2 convs, the 1-channel
-stem in channels_last), which changes the last bits (about 1e-7 relative), as
-the plain forward itself does between batch sizes. Logits agree with
-``model(perturbed)`` to about 1e-6 (measured in ``tests/test_incremental.py``
-and ``benchmarks/incremental_prototype.py``).
+of each op differs. Pointwise ops, pooling and copies are bitwise equal. On
+CPU a convolution of a region with padding 0 gives the bitwise values of the
+padded full convolution for most shapes (3x3 and 1x1 stride-1 convs, depthwise
+convs, NCHW stems); oneDNN picks another kernel for some shapes (seen: 1x1
+stride-2 convs in NCHW, the 1-channel 7x7 stem in channels_last, 1x1 convs on
+small patches), which changes the last bit (~1e-7 relative), as the plain
+forward itself may between batch sizes. Through a network that grows to about
+1e-6 of the largest logit (3e-6 on a mobilenetv2): 2.4e-6 to 3.3e-6 absolute
+for resnet18 and densenet121 Classifiers at 224 px with logits up to 7
+(benchmarks/results/incremental.md); the tests hold every model to 1e-5.
 
 Interface for the engine::
 
-    fwd = IncrementalForward(model, clean_inputs)       # traced once per model
-    logits = fwd(perturbed, image_idx, boxes)            # [B, K]
+    fwd = IncrementalForward(model, clean_inputs)         # traced once per model
+    logits = fwd(perturbed, image_idx, boxes)              # [B, K]
+    forward = incremental_forward(model, clean_inputs)     # the engine's BatchForward, boxes inferred
 
 ``boxes`` [B, 4] are (row0, row1, col0, col1), end-exclusive, bounding the
 pixels in which ``perturbed[b]`` may differ from ``clean_inputs[image_idx[b]]``
-(only those pixels of ``perturbed`` are read). An empty box (row1 <= row0 or
-col1 <= col0), or a box whose pixels equal the clean ones, gives the cached
-clean logits exactly, so its effect is exactly 0. :func:`window_boxes` and
-:func:`mask_boxes` give the boxes of sliding windows and of masks
-(superpixels).
+(only those pixels of ``perturbed`` are read); without ``boxes`` they are the
+bounding boxes of the pixels that differ (:func:`changed_boxes`). An empty
+box (row1 <= row0 or col1 <= col0), or a box whose pixels equal the clean
+ones, gives the cached clean logits exactly, so its effect is exactly 0.
+:func:`window_boxes` and :func:`mask_boxes` give the boxes of sliding windows
+and of masks (superpixels).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import logging
 import math
@@ -69,17 +75,26 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from causal_ie.runtime import eval_mode
+
 log = logging.getLogger(__name__)
 
 CUT_AUTO = "auto"
 # `supported` needs an estimated speed-up of at least this for a one-pixel box
 MIN_GAIN = 1.1
-# FLOP-equivalents per activation element a memory-bound op (copy, BatchNorm, ReLU, pooling) reads
-# or writes, in the cost model that places the cut (eager ops on a 2-core CPU: ~50 GFLOP/s of
-# convolution against a few G elements/s of memory traffic)
-ELEMENT_COST = 8.0
+# The cost model that places the cut, in FLOP-equivalents of eager CPU convolution (measured with one
+# thread on this project's 2-core machine, timm resnet18/densenet121 at 224 px: convolutions
+# 120-230 GFLOP/s, BatchNorm 2.3 G elements/s, max pooling 0.1 G input elements/s):
+# per activation element a memory-bound op (copy, BatchNorm, ReLU, add, cat) reads or writes,
+ELEMENT_COST = 40.0
+# and per output element and kernel tap of a pooling op.
+POOL_COST = 400.0
 # FLOP-equivalents of the Python work per item and region copy (a few microseconds)
 ITEM_COST = 2e5
+# plans estimated within this share of the cheapest count as equal (the earliest cut wins)
+COST_TOLERANCE = 0.03
+# default bound on the cached clean maps of all images, in bytes
+CACHE_LIMIT = 4 * 2**30
 # clean images per clean forward (bounds the memory of the one-off clean pass)
 CLEAN_BATCH = 16
 
@@ -103,6 +118,8 @@ class _Tracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if self.leaf_types and isinstance(m, self.leaf_types):
             return True
+        if _pointwise_module(m):  # e.g. timm's LayerNorm2d, whose permutes would look global
+            return True
         return super().is_leaf_module(m, module_qualified_name)
 
 
@@ -118,7 +135,7 @@ class _Window:
     ceil_mode: bool
     pad_value: float
     overhang_ok: bool  # windows reaching past the padding are fine (max pooling: -inf)
-    flops: int  # per output element: 2 * in_channels / groups * kh * kw for convs, 0 for pooling (memory-bound)
+    flops: float  # cost per output element: 2 * in_channels / groups * kh * kw for convs, POOL_COST * kh * kw for pools
     apply: Callable[[Tensor], Tensor]  # the op with no padding on an exact region
 
     def pads(self, size: int, axis: int) -> tuple[int, int]:
@@ -145,6 +162,7 @@ def _pair(v: Any) -> tuple[int, int]:
     return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
 
 
+@functools.cache
 def _timm_types(*names: str) -> tuple[type, ...]:
     """timm classes by dotted name, skipping those this timm version lacks."""
     import importlib
@@ -244,7 +262,7 @@ def _window_module(m: nn.Module) -> _Window | str:
         d = _pair(m.dilation)
         return _Window(
             kernel=k, stride=s, dilation=d, padding=_pair(m.padding), same=False, ceil_mode=bool(m.ceil_mode),
-            pad_value=-math.inf, overhang_ok=True, flops=0,
+            pad_value=-math.inf, overhang_ok=True, flops=POOL_COST * k[0] * k[1],
             apply=lambda x, k=k, s=s, d=d: F.max_pool2d(x, k, s, 0, d),
         )
     if type(m) is nn.AvgPool2d:
@@ -256,7 +274,7 @@ def _window_module(m: nn.Module) -> _Window | str:
             return "count_include_pad=False with padding (border windows have other divisors)"
         return _Window(
             kernel=k, stride=s, dilation=(1, 1), padding=padding, same=False, ceil_mode=bool(m.ceil_mode),
-            pad_value=0.0, overhang_ok=False, flops=0,
+            pad_value=0.0, overhang_ok=False, flops=POOL_COST * k[0] * k[1],
             apply=lambda x, k=k, s=s: F.avg_pool2d(x, k, s, 0),
         )
     return f"no incremental rule for {type(m).__name__}"
@@ -327,8 +345,6 @@ def _classify(node: fx.Node, modules: dict[str, nn.Module], dependent: set[fx.No
         node.op == "call_method" and node.target in _POINTWISE_METHODS
     )
     if arithmetic or (node.op == "call_function" and node.target in _POINTWISE_FUNCTIONS):
-        if node.op == "call_function" and node.target in (torch.clamp, torch.clip) and len(acts) > 1:
-            return _Op("union", what, acts)
         return _Op("pointwise" if len(acts) == 1 else "union", what, acts)
     if node.op == "call_function" and node.target in (F.dropout, F.dropout2d):
         training = node.kwargs.get("training", node.args[2] if len(node.args) > 2 else True)
@@ -369,15 +385,11 @@ def _analyse(model: nn.Module) -> _Analysis:
 
 
 def _build_analysis(model: nn.Module) -> _Analysis:
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
     try:
-        graph = _Tracer().trace(model)
+        with eval_mode(model):  # control flow on self.training fixed to evaluation
+            graph = _Tracer().trace(model)
     except Exception as err:  # noqa: BLE001 - any tracing failure means plain forwards
         return _Analysis(None, error=f"torch.fx cannot trace {type(model).__name__} ({type(err).__name__}: {err})")
-    finally:
-        for m, training in flags:
-            m.training = training
     modules = dict(model.named_modules())
     nodes = list(graph.nodes)
     placeholders = [n for n in nodes if n.op == "placeholder"]
@@ -485,10 +497,13 @@ def _serial() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
-def _region_copy(out: Tensor, src: Tensor, index: list[int], rows: list[int], cols: list[int]) -> None:
-    """out[b] = src[index[b], :, rows[b]:+h, cols[b]:+w] for every b (h, w from ``out``)."""
+def _region_copy(
+    out: Tensor, src: Tensor, index: list[int], rows: list[int], cols: list[int], fused: bool | None = None
+) -> None:
+    """out[b] = src[index[b], :, rows[b]:+h, cols[b]:+w] for every b (h, w from ``out``); ``fused``
+    (default: on GPUs) gathers all items with one indexing kernel."""
     h, w = out.shape[-2:]
-    if out.is_cuda and len(index) > 1:
+    if fused if fused is not None else (out.device.type != "cpu" and len(index) > 1):
         device = src.device
         windows = src.unfold(2, h, 1).unfold(3, w, 1)
         out.copy_(windows[torch.tensor(index, device=device), :, torch.tensor(rows, device=device),
@@ -509,10 +524,10 @@ def _overlay(out: Tensor, patch: _Patch, rows: list[int], cols: list[int]) -> No
     height, width = out.shape[-2:]
     dy = [p - r for p, r in zip(patch.r0, rows)]
     dx = [p - c for p, c in zip(patch.c0, cols)]
-    if len(set(dy)) == 1 and len(set(dx)) == 1 and 0 <= dy[0] <= height - h and 0 <= dx[0] <= width - w:
-        out[:, :, dy[0]:dy[0] + h, dx[0]:dx[0] + w].copy_(data)
-        return
     with _serial():
+        if len(set(dy)) == 1 and len(set(dx)) == 1 and 0 <= dy[0] <= height - h and 0 <= dx[0] <= width - w:
+            out[:, :, dy[0]:dy[0] + h, dx[0]:dx[0] + w].copy_(data)  # the same place in every region
+            return
         for b, (y, x) in enumerate(zip(dy, dx)):
             y0, y1, x0, x1 = max(0, y), min(height, y + h), max(0, x), min(width, x + w)
             if y1 > y0 and x1 > x0:
@@ -527,16 +542,21 @@ class IncrementalForward:
     computed by recomputing the changed neighbourhoods only (see the module docstring).
 
     Args:
-        model: the classifier (traced once per model, device and dtype; call in eval mode).
+        model: the classifier, traced once per model, device and dtype. Traced and its clean
+            activations computed in eval mode whatever its flags; calls need it in eval mode.
         clean_inputs: the unperturbed images [N, C, H, W]; their activations are cached once
             (lazily, per window size, only the maps the plan reads).
         cut_fraction: run the rest in full from the first map whose recomputed patch covers more
-            than this share of the map; ``"auto"``: the share with the lowest estimated cost.
-        memory_format: of cached and recomputed maps; None: channels_last when the model's
-            first convolution weight is channels_last, else contiguous (the plain forward's).
+            than this share of the map; ``"auto"``: the share with the lowest estimated cost
+            (plans within :data:`COST_TOLERANCE` of it count as equal, the earliest cut wins).
+        memory_format: of cached and recomputed maps; None: channels_last when the model's conv
+            weights are channels_last, else contiguous (the plain forward's).
         skip_unchanged: items whose box equals the clean pixels get the clean logits (exact 0 effect).
         verify: on a plan's first batch, compare this many items with the plain forward; on a
             mismatch (> 1e-4 times the logit scale) the plan falls back to plain forwards.
+        cache_limit: bytes the cached clean maps of all images may take; with ``cut_fraction="auto"``
+            the cut moves earlier to stay below (None: no limit). At 224 px resnet18 caches ~10 MB
+            and densenet121 ~37 MB per image (:meth:`describe`).
 
     Attributes:
         supported: False when the model runs plain forwards (``reason`` says why).
@@ -552,6 +572,7 @@ class IncrementalForward:
         memory_format: torch.memory_format | None = None,
         skip_unchanged: bool = True,
         verify: int = 2,
+        cache_limit: int | None = CACHE_LIMIT,
     ):
         if not isinstance(clean_inputs, Tensor) or clean_inputs.dim() != 4:
             raise ValueError(f"clean_inputs must be images [N, C, H, W], got {getattr(clean_inputs, 'shape', None)}")
@@ -561,6 +582,7 @@ class IncrementalForward:
         self.cut_fraction = cut_fraction
         self.skip_unchanged = skip_unchanged
         self.verify = int(verify)
+        self.cache_limit = cache_limit
         self.clean_inputs = clean_inputs.detach().clone()
         self.image_size = tuple(clean_inputs.shape[-2:])
         self.memory_format = memory_format if memory_format is not None else self._model_format(model)
@@ -572,8 +594,7 @@ class IncrementalForward:
         self._caches: dict[tuple[str, float], Tensor] = {}
         self._margins: dict[tuple[str, float], list[int]] = {}  # cache key -> padding top, bottom, left, right
         self._plans: dict[tuple[int, int], _Plan] = {}
-        self._geometries: dict[tuple[int, int], dict[str, _Geometry]] = {}
-        with torch.no_grad():
+        with torch.no_grad(), eval_mode(model):
             if not self.reason:
                 try:
                     self._compute_consts()
@@ -593,11 +614,12 @@ class IncrementalForward:
 
     @staticmethod
     def _model_format(model: nn.Module) -> torch.memory_format:
-        conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
-        if conv is not None and conv.weight.dim() == 4 and not conv.weight.is_contiguous() and conv.weight.is_contiguous(
-            memory_format=torch.channels_last
-        ):
-            return torch.channels_last
+        for m in model.modules():  # the first conv weight whose layout is unambiguous (not 1 channel)
+            weight = getattr(m, "weight", None)
+            if isinstance(m, nn.Conv2d) and weight.dim() == 4:
+                nchw, nhwc = weight.is_contiguous(), weight.is_contiguous(memory_format=torch.channels_last)
+                if nchw != nhwc:
+                    return torch.channels_last if nhwc else torch.contiguous_format
         return torch.contiguous_format
 
     def _compute_consts(self) -> None:
@@ -667,10 +689,9 @@ class IncrementalForward:
                     if last.get(arg.name) == i:
                         env.pop(arg.name, None)
             start += chunk.shape[0]
-        logits = torch.cat(outputs)
-        if not isinstance(logits, Tensor) or logits.dim() != 2:
-            raise ValueError(f"the model must return logits [N, K], got {type(logits).__name__}")
-        return logits
+        if not all(isinstance(out, Tensor) and out.dim() == 2 for out in outputs):
+            raise ValueError(f"the model must return logits [N, K], got {type(outputs[0]).__name__}")
+        return torch.cat(outputs)
 
     # ------------------------------------------------------------ planning
 
@@ -760,6 +781,8 @@ class IncrementalForward:
         return _Geometry(tuple(sizes), tuple(starts), tuple(los), tuple(his), out_size, tuple(rstarts), tuple(rlens))
 
     def _modes(self, geometry: dict[str, _Geometry], threshold: float) -> dict[str, str]:
+        """inc for the nodes whose patch covers at most ``threshold`` of their map and whose inputs
+        are all inc; full from there on."""
         modes: dict[str, str] = {}
         for node in self.analysis.nodes:
             op = self.analysis.ops[node.name]
@@ -818,7 +841,8 @@ class IncrementalForward:
             total += ELEMENT_COST * (numel + sum(math.prod(self._shapes[a]) for a in ins))
         return total
 
-    def _first_stop(self, geometry: dict[str, _Geometry], stops: dict[str, str], modes: dict[str, str]) -> str:
+    def _first_stop(self, stops: dict[str, str], modes: dict[str, str]) -> str:
+        """The first op the changed box cannot be followed through, with why."""
         for node in self.analysis.nodes:
             if node.name in stops and all(modes.get(a) == "inc" for a in self.analysis.ops[node.name].acts):
                 return f"{self.analysis.ops[node.name].what}: {stops[node.name]}"
@@ -832,7 +856,7 @@ class IncrementalForward:
         best = self._cost(modes, geometry)
         gain = full / best if best > 0 else 1.0
         if gain < MIN_GAIN:
-            stop = self._first_stop(geometry, stops, modes) or "no spatially local ops before the output"
+            stop = self._first_stop(stops, modes) or "no spatially local ops before the output"
             self.reason = (
                 f"global mixing early in the network at {stop}; even a one-pixel change would save "
                 f"only {100 * (1 - 1 / gain):.0f}% of the work"
@@ -846,24 +870,40 @@ class IncrementalForward:
         no_inc = self._modes(geometry, -1.0)
         full_cost = self._cost(no_inc, geometry)
         if self.cut_fraction == CUT_AUTO:
-            candidates = sorted({g.fraction for g in geometry.values()})
             scored = []
-            for t in candidates:
+            for t in sorted({g.fraction for g in geometry.values()}):
                 modes = self._modes(geometry, t)
                 scored.append((self._cost(modes, geometry), t, modes))
-            cost, threshold, modes = min(scored, key=lambda s: (s[0], s[1]))
+            # among plans within COST_TOLERANCE of the cheapest, the earliest cut (less cached memory,
+            # fewer small ops); then the rest by cost
+            near = min(c for c, _, _ in scored) * (1 + COST_TOLERANCE)
+            scored = sorted((s for s in scored if s[0] <= near), key=lambda s: s[1]) + sorted(
+                (s for s in scored if s[0] > near), key=lambda s: s[0]
+            )
+            plan = None
+            for cost, threshold, modes in scored:  # the cheapest plan whose caches fit the limit
+                plan = self._build_plan(box, threshold, modes, geometry, cost, full_cost, stops)
+                if self.cache_limit is None or self._plan_bytes(plan) <= self.cache_limit:
+                    break
+            else:
+                plan = min((self._build_plan(box, t, m, geometry, c, full_cost, stops) for c, t, m in scored),
+                           key=self._plan_bytes)
         else:
             threshold = float(self.cut_fraction)
             modes = self._modes(geometry, threshold)
-            cost = self._cost(modes, geometry)
-        plan = self._build_plan(box, threshold, modes, geometry, cost, full_cost, stops)
+            plan = self._build_plan(box, threshold, modes, geometry, self._cost(modes, geometry), full_cost, stops)
         self._plans[box] = plan
         if plan.plain:
             log.info("incremental inference: a %dx%d box saves nothing on %s (%s); plain forwards",
                      box[0], box[1], type(self.model).__name__, plan.cut)
         return plan
 
-    def _build_plan(self, box, threshold, modes, geometry, cost, full_cost, stops) -> _Plan:
+    def _build_plan(
+        self, box: tuple[int, int], threshold: float, modes: dict[str, str], geometry: dict[str, _Geometry],
+        cost: float, full_cost: float, stops: dict[str, str],
+    ) -> _Plan:
+        """The caches (with the margins each window op reads), widenings and materialisations of a
+        choice of modes."""
         ops = self.analysis.ops
         caches: dict[tuple[str, float], list[int]] = {}
         window_cache: dict[str, tuple[str, float]] = {}
@@ -915,12 +955,14 @@ class IncrementalForward:
             for a in node.all_input_nodes:
                 last_use[a.name] = i
         full_nodes = [n for n in self.analysis.nodes if modes[n.name] == "full" and n.op != "output"]
-        cut = self._describe_cut(inc_nodes, full_nodes, stops, modes, threshold)
+        cut = self._describe_cut(inc_nodes, full_nodes, stops, threshold)
         plain = cost >= full_cost or len(inc_nodes) <= 1
         return _Plan(box, threshold, modes, geometry, caches, window_cache, expand, materialize, cost, full_cost,
                      cut, plain, last_use)
 
-    def _describe_cut(self, inc_nodes, full_nodes, stops, modes, threshold) -> str:
+    def _describe_cut(
+        self, inc_nodes: list[fx.Node], full_nodes: list[fx.Node], stops: dict[str, str], threshold: float
+    ) -> str:
         if not full_nodes:
             return "no cut: the whole network runs incrementally"
         first = full_nodes[0]
@@ -947,14 +989,22 @@ class IncrementalForward:
                 margins = [max(a, b) for a, b in zip(old, margins)]
             shape = self._shapes[key[0]]
             top, bottom, left, right = margins
-            self._caches[key] = torch.full(
-                (n, shape[0], shape[1] + top + bottom, shape[2] + left + right), key[1],
-                dtype=self.clean_inputs.dtype, device=self.clean_inputs.device,
-            ).contiguous(memory_format=self.memory_format)
+            self._caches[key] = torch.empty(
+                (n, shape[0], shape[1] + top + bottom, shape[2] + left + right),
+                dtype=self.clean_inputs.dtype, device=self.clean_inputs.device, memory_format=self.memory_format,
+            ).fill_(key[1])
             self._margins[key] = margins
             record.setdefault(key[0], []).append(key)
         if record:
             self._clean_pass(record)
+
+    def _plan_bytes(self, plan: _Plan) -> int:
+        """Memory of the clean maps ``plan`` caches, for all clean images."""
+        per_image = sum(
+            self._shapes[name][0] * (self._shapes[name][1] + m[0] + m[1]) * (self._shapes[name][2] + m[2] + m[3])
+            for (name, _), m in plan.caches.items()
+        )
+        return per_image * self.clean_inputs.shape[0] * self.clean_inputs.element_size()
 
     @property
     def cache_bytes(self) -> int:
@@ -971,21 +1021,23 @@ class IncrementalForward:
             "supported": True, "plain": plan.plain, "cut": plan.cut, "threshold": plan.threshold,
             "estimated_gain": plan.gain, "incremental_nodes": len(inc),
             "cached_maps": sorted({k[0] for k in plan.caches}),
-            "cache_bytes_per_image": sum(
-                self._shapes[k[0]][0] * (self._shapes[k[0]][1] + m[0] + m[1]) * (self._shapes[k[0]][2] + m[2] + m[3])
-                for k, m in plan.caches.items()
-            ) * self.clean_inputs.element_size(),
+            "cache_bytes_per_image": self._plan_bytes(plan) // self.clean_inputs.shape[0],
         }
 
     # ------------------------------------------------------------ running
 
-    def __call__(self, perturbed: Tensor, image_idx: Tensor, boxes: Tensor) -> Tensor:
+    def __call__(self, perturbed: Tensor, image_idx: Tensor, boxes: Tensor | None = None) -> Tensor:
         """Logits [B, K] of ``perturbed`` [B, C, H, W]; item b is image ``image_idx[b]`` changed at most
-        inside ``boxes[b]`` = (row0, row1, col0, col1), end-exclusive."""
+        inside ``boxes[b]`` = (row0, row1, col0, col1), end-exclusive. Without ``boxes`` they are the
+        bounding boxes of the pixels that differ from the clean images (:func:`changed_boxes`)."""
         if perturbed.dim() != 4 or perturbed.shape[1:] != self.clean_inputs.shape[1:]:
             raise ValueError(
                 f"perturbed must be [B, {', '.join(map(str, self.clean_inputs.shape[1:]))}], got {tuple(perturbed.shape)}"
             )
+        tight = boxes is None
+        if boxes is None:
+            index = image_idx.to(self.clean_inputs.device, torch.long)
+            boxes = changed_boxes(perturbed, self.clean_inputs.index_select(0, index).to(perturbed.device))
         batch = perturbed.shape[0]
         if image_idx.shape != (batch,) or boxes.shape != (batch, 4):
             raise ValueError(f"image_idx must be [B] and boxes [B, 4], got {tuple(image_idx.shape)}, {tuple(boxes.shape)}")
@@ -998,7 +1050,7 @@ class IncrementalForward:
             boxes[:, 2:4] = boxes[:, 2:4].clamp(0, width)
             index = image_idx.detach().to("cpu", torch.long)
             active = (boxes[:, 1] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 2])
-            if self.skip_unchanged:
+            if self.skip_unchanged and not tight:
                 active &= self.changed(perturbed, index, boxes)
             logits = self.clean_logits.index_select(0, index.to(self.clean_logits.device)).clone()
             if not bool(active.any()):
@@ -1175,14 +1227,24 @@ def incremental_support(model: nn.Module, image_shape: tuple[int, int, int]) -> 
     param = next(itertools.chain(model.parameters(), model.buffers()), None)
     device = param.device if param is not None else torch.device("cpu")
     dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        fwd = IncrementalForward(model, torch.zeros((1, *image_shape), device=device, dtype=dtype), verify=0)
-    finally:
-        for m, training in flags:
-            m.training = training
+    fwd = IncrementalForward(model, torch.zeros((1, *image_shape), device=device, dtype=dtype), verify=0)
     return fwd.supported, fwd.reason
+
+
+def changed_boxes(perturbed: Tensor, clean: Tensor) -> Tensor:
+    """Bounding boxes [B, 4] of the pixels (any channel) where ``perturbed`` [B, C, H, W] differs from
+    ``clean`` (same shape); (0, 0, 0, 0) where nothing changed."""
+    return mask_boxes((perturbed != clean).any(dim=1))
+
+
+def incremental_forward(
+    model: nn.Module, inputs: Tensor, **options: Any
+) -> Callable[[Tensor, Tensor], Tensor]:
+    """The engine's ``BatchForward`` (perturbed batch, image index -> logits) running incrementally on
+    the clean ``inputs``; boxes come from :func:`changed_boxes`, so any pixel-space region kind works
+    unchanged (``options`` go to :class:`IncrementalForward`)."""
+    fwd = IncrementalForward(model, inputs, **options)
+    return lambda batch, image_idx: fwd(batch, image_idx)
 
 
 def window_boxes(grid: Any, window_idx: Tensor) -> Tensor:

@@ -41,6 +41,10 @@ class InterventionSpec:
         differentiable: keep the autograd graph, so effects can be differentiated with respect
             to the images (an attacker who knows a CE-based detector); memory then grows with
             every perturbed input of the call, so call it on few images and coarse regions.
+        incremental: run pixel-space interventions incrementally (exact: only the changed
+            region is recomputed through the early layers, from cached clean activations; see
+            :mod:`causal_ie.interventions.incremental`); models it cannot follow fall back to
+            full forwards, saying why.
     """
 
     baseline: str | float | Tensor = "zero"
@@ -51,6 +55,7 @@ class InterventionSpec:
     seed: int | None = None
     progress: bool = False
     differentiable: bool = False
+    incremental: bool = True
 
     def __post_init__(self) -> None:
         b = self.baseline
