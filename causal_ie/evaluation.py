@@ -59,8 +59,7 @@ def build_attack_evaluation(cfg: DictConfig, classifier: nn.Module, explainers: 
     """The attack study from ``attack`` and ``detection`` (None for ``attack=none``)."""
     if not cfg.get("attack"):
         return None
-    attack_cfg = OmegaConf.masked_copy(cfg.attack, [k for k in cfg.attack if k != "adaptive"])
-    attack = instantiate(attack_cfg, _convert_="all")
+    attack = instantiate(cfg.attack, _convert_="all")
     settings = instantiate(cfg.get("detection", {}), _convert_="all")
     for key in ("test_images", "reference_images", "adaptive"):  # settings of the run, not of the study
         settings.pop(key, None)
@@ -101,7 +100,7 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         cfg.trainer, logger=loggers or False, callbacks=[figures, *instantiate_dict(cfg.get("callbacks"))]
     )
     trainer.test(module, datamodule=datamodule)
-    if attack is not None and cfg.attack.get("adaptive") and trainer.is_global_zero:
+    if attack is not None and attack.attack.adaptive and trainer.is_global_zero:
         study = instantiate(cfg.detection.adaptive, _convert_="all")
         adaptive = study.run(attack, classifier, datamodule.dataset("test"), module.artefacts["attack"]["rows"])
         module.results["detection"]["adaptive"] = adaptive

@@ -105,18 +105,15 @@ def check_compatible(classifier: nn.Module, datamodule: L.LightningDataModule, c
 def load_classifier(cfg: DictConfig) -> tuple[nn.Module, Path | None]:
     """The classifier a run explains, in eval mode, and the file its weights came from.
 
-    ``cfg.model`` chosen (``model=xrv``): that pretrained model, built from its config (its
-    ``weights_file``; None for random weights). Otherwise ``cfg.ckpt_path``, else the newest
-    train.py checkpoint under ``cfg.paths.checkpoint_search``.
+    ``cfg.model`` a pretrained model (``model=xrv``): that model, built from its config (its
+    ``weights_file``; None for random weights). Otherwise (no model, or the settings of a
+    classifier to train, as experiments set them) ``cfg.ckpt_path``, else the newest train.py
+    checkpoint under ``cfg.paths.checkpoint_search``.
     """
     model_cfg = cfg.get("model")
-    # an experiment's training settings (model.backbone=...) without a model chosen are not a model
-    if model_cfg and model_cfg.get("_target_"):
-        if model_cfg.get("_target_") == TRAINABLE:
-            raise ValueError(
-                f"model={model_cfg.get('backbone', '?')} is a classifier to train (python train.py model=...); "
-                "to explain a trained one pass ckpt_path=/path/to/best.ckpt, or a pretrained one with model=xrv"
-            )
+    # a classifier to train (an experiment's model=resnet18, model.backbone=...) describes how the
+    # checkpoint was trained; only a pretrained model config (model=xrv) is the model itself
+    if model_cfg and model_cfg.get("_target_") and model_cfg.get("_target_") != TRAINABLE:
         classifier = instantiate(model_cfg, _convert_="all").eval()
         weights = getattr(classifier, "weights_file", None)
         return classifier, None if weights is None else Path(weights)

@@ -13,7 +13,7 @@ from conftest import ROOT, TINY_EVAL, eval_cfg
 from sklearn.metrics import roc_auc_score
 
 from causal_ie.attacks.detection import crossfit_scores, detect, load_detection_data
-from causal_ie.attacks.evaluation import group_code
+from causal_ie.rows import group_code
 from causal_ie.evaluation import evaluate
 from causal_ie.outputs.results import flatten
 from causal_ie.outputs.schema import EVALUATION, problems

@@ -291,3 +291,13 @@ def test_findings_with_nan_logits_are_never_attacked(batch):
     assert adv > clean
     with pytest.raises(ValueError, match=r"attack.target='B': the classifier does not predict this finding.*A, C, D"):
         MultiLabelAttack("fgsm", target="B", eps=0.01)(model, images, labels)
+
+
+def test_top_absent_adds_the_likeliest_absent_finding():
+    """attack.target=top_absent with mode=targeted to=present: the clinically relevant forgery."""
+    logits = torch.tensor([[2.0, -0.5, -3.0, float("nan")], [1.0, 2.0, 0.5, 3.0], [-1.0, -2.0, -0.1, -4.0]])
+    attack = MultiLabelAttack("fgsm", target="top_absent", mode="targeted", to="present", eps=0.01)
+    # image 0: finding 1 (-0.5) is the likeliest absent one (NaN never wins); image 1 predicts
+    # every finding present: falls back to the top one; image 2: finding 2 (-0.1)
+    assert attack.image_findings(logits).tolist() == [1, 3, 2]
+    assert MultiLabelAttack("fgsm", target="top", eps=0.01).image_findings(logits).tolist() == [0, 3, 2]

@@ -28,7 +28,9 @@ from torch.utils.data import Dataset
 
 from causal_ie.attacks.adaptive import AdaptivePGD, logistic_logit
 from causal_ie.attacks.detection import fit_detector, score_detector, split_halves
-from causal_ie.attacks.evaluation import AttackEvaluation, Column, group_code
+from causal_ie.attacks.evaluation import AttackEvaluation, Column
+from causal_ie.attacks.factory import PER_IMAGE_TARGETS
+from causal_ie.rows import group_code
 from causal_ie.runtime import to_model
 
 log = logging.getLogger(__name__)
@@ -160,7 +162,11 @@ class AdaptiveStudy:
             return logit_of(torch.stack([features[n] for n in names], dim=1))
 
         attack = study.attack
-        finding = None if attack.target == "top" else attack.finding_index(study.findings)
+        if attack.target in PER_IMAGE_TARGETS:
+            with torch.no_grad():
+                finding = attack.image_findings(classifier(images))
+        else:
+            finding = attack.finding_index(study.findings)
         adaptive = AdaptivePGD(
             detector_logit,
             eps=float(attack.eps),

@@ -10,7 +10,6 @@ detector is then fitted once on the gathered rows (patient-grouped halves).
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -18,7 +17,6 @@ import numpy as np
 import torch
 from sklearn.metrics import roc_auc_score, roc_curve
 from torch import Tensor, nn
-from torchmetrics import Metric
 from torchmetrics.classification import MultilabelAUROC
 
 from causal_ie.attacks.detection import (
@@ -36,6 +34,7 @@ from causal_ie.attacks.features import CEFeatureExtractor
 from causal_ie.attacks.statistics import STATISTICS, box_share, map_correlation, map_statistics
 from causal_ie.explain.explainers import Explainer, select_maps
 from causal_ie.models.findings import finding_aurocs
+from causal_ie.rows import Rows, group_code, patient_codes
 
 # per-image attack outcome columns (see _outcome)
 OUTCOME_COLUMNS = ("eligible", "success", "flipped", "attacked", "linf", "l2", "l0")
@@ -45,30 +44,6 @@ PAIRS = ("successful", "changed", "all")
 # a column of the per-image rows: ("outcome", name), ("id", "group" | "image"),
 # ("stat", explainer, statistic, side), ("feature", name, side), ("baseline", detector, side)
 Column = tuple[str, ...]
-
-
-def group_code(name: str) -> int:
-    """A stable integer for a patient id, so groups travel as tensors between processes
-    (48 bits: exact in the float64 rows)."""
-    return int.from_bytes(hashlib.blake2b(str(name).encode(), digest_size=6).digest(), "little")
-
-
-class _Rows(Metric):
-    """Per-image rows [N, F], concatenated over batches and, on ``compute``, processes."""
-
-    full_state_update = False
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.add_state("rows", default=[], dist_reduce_fx="cat")
-
-    def update(self, rows: Tensor) -> None:
-        self.rows.append(rows.double())
-
-    def compute(self) -> Tensor:
-        if isinstance(self.rows, Tensor):  # already concatenated by the sync
-            return self.rows
-        return torch.cat(self.rows) if self.rows else torch.zeros(0, 0, dtype=torch.float64)
 
 
 class AttackEvaluation(nn.Module):
@@ -160,7 +135,7 @@ class AttackEvaluation(nn.Module):
         self.top_fraction, self.n_examples, self.repeats, self.seed = top_fraction, int(examples), int(repeats), seed
         self.n_boot = int(n_boot)
         self.auroc_adv = MultilabelAUROC(num_labels=len(self.findings), average=None)
-        self.rows = _Rows()
+        self.rows = Rows()
         self.columns: list[Column] = []
         self.examples: list[dict[str, Any]] = []
 
@@ -210,11 +185,10 @@ class AttackEvaluation(nn.Module):
         outcome = _outcome(adv, p_clean, p_adv, images).unbind(1)
         columns: dict[Column, Tensor] = {("outcome", name): v for name, v in zip(OUTCOME_COLUMNS, outcome)}
         # detector halves are patient-disjoint; an image without a patient id is its own patient
-        patients = [p or i for p, i in zip(batch.get("patient_id", batch["id"]), batch["id"])]
-        for column, names in (("group", patients), ("image", batch["id"])):
-            columns[("id", column)] = torch.tensor(
-                [float(group_code(g)) for g in names], dtype=torch.float64, device=images.device
-            )
+        columns[("id", "group")] = patient_codes(batch, images.device)
+        columns[("id", "image")] = torch.tensor(
+            [float(group_code(i)) for i in batch["id"]], dtype=torch.float64, device=images.device
+        )
         # the control beside the map statistics: the focus finding's own logit
         for side, logits in (("clean", logits_clean), ("adv", logits_adv)):
             columns[("stat", "classifier", "focus_logit", side)] = logits[image_idx, focus]

@@ -39,7 +39,11 @@ FIXED_NORM = {"fgsm": "Linf", "bim": "Linf", "pgd": "Linf", "pgdl2": "L2", "cw":
 LOSS_ONLY = ("fgsm", "bim", "pgd", "pgdl2")
 # step size 2.5 * eps / steps when alpha is not given (Madry et al. 2018)
 STEP_SIZE_FACTOR = 2.5
-TARGETS_HELP = "'top' (each image's most likely finding), 'all' (every finding) or a finding name"
+TARGETS_HELP = (
+    "'top' (each image's most likely finding), 'top_absent' (each image's most likely finding among those it "
+    "predicts absent: with mode=targeted to=present, adding a finding), 'all' (every finding) or a finding name"
+)
+PER_IMAGE_TARGETS = ("top", "top_absent")
 
 
 def _number(key: str, value: Any) -> float:
@@ -93,14 +97,18 @@ class MultiLabelAttack:
 
     Args:
         name: one of ``fgsm, bim, pgd, pgdl2, cw, apgd, square``.
-        target: ``top`` attacks each image's most likely finding, ``all`` the whole
-            label vector (BCE over all findings; FGSM/BIM/PGD/PGD-L2 only), a finding
-            name that finding in every image.
+        target: ``top`` attacks each image's most likely finding, ``top_absent`` its most
+            likely absent one (with ``mode=targeted to=present``: adding a finding), ``all``
+            the whole label vector (BCE over all findings; FGSM/BIM/PGD/PGD-L2 only), a
+            finding name that finding in every image.
         mode: ``untargeted`` pushes the attacked findings away from their true labels;
             ``targeted`` pushes them to ``to`` (``present`` or ``absent``).
         eps: radius of the perturbation ball in [0, 1] pixel units (L-inf or L2 as
             ``norm``); CW is unbounded and takes none.
         norm: ``Linf`` or ``L2`` for APGD and Square; the others have a fixed norm.
+        adaptive: the attack study also runs an attacker who knows the CE detector
+            (:class:`~causal_ie.attacks.adaptive_study.AdaptiveStudy`), with this attack's eps,
+            steps and target.
         **params: the torchattacks class's own arguments (``alpha``, ``steps``, ``c``, ...).
             ``alpha: null`` means 2.5 * eps / steps.
     """
@@ -113,9 +121,11 @@ class MultiLabelAttack:
         to: str = "present",
         eps: float | None = None,
         norm: str | None = None,
+        adaptive: bool = False,
         **params: Any,
     ):
         self.name = str(name).lower()
+        self.adaptive = bool(adaptive)
         if self.name not in ATTACKS:
             raise ValueError(f"attack={name!r} is not known; expected one of {', '.join(ATTACKS)}")
         self.norm = self._check_norm(norm)
@@ -229,9 +239,9 @@ class MultiLabelAttack:
         return params
 
     def finding_index(self, findings: Sequence[str]) -> int | None:
-        """The attacked finding's index for a named target, None for ``top``/``all``;
+        """The attacked finding's index for a named target, None for ``top``/``top_absent``/``all``;
         raises if the name is not one of ``findings``."""
-        if self.target in ("top", "all"):
+        if self.target in (*PER_IMAGE_TARGETS, "all"):
             return None
         if self.target not in findings:
             raise ValueError(
@@ -239,6 +249,17 @@ class MultiLabelAttack:
                 f"{', '.join(findings)}"
             )
         return list(findings).index(self.target)
+
+    def image_findings(self, clean_logits: Tensor) -> Tensor:
+        """The finding attacked on each image [N] for ``top`` (the most likely one) and
+        ``top_absent`` (the most likely among those predicted absent; an image that predicts
+        every finding present falls back to ``top``). NaN logits (missing findings) never win."""
+        scores = clean_logits.masked_fill(torch.isnan(clean_logits), float("-inf"))
+        if self.target == "top_absent":
+            absent = scores.masked_fill(scores > 0, float("-inf"))
+            none_absent = torch.isinf(absent).all(dim=1, keepdim=True)
+            scores = torch.where(none_absent, scores, absent)
+        return scores.argmax(dim=1)
 
     # -- attacking ---------------------------------------------------------------
     def build(self, model: nn.Module) -> torchattacks.Attack:
@@ -272,7 +293,7 @@ class MultiLabelAttack:
         if labels.shape != (n, k):
             raise ValueError(f"labels must be [N, K] = {(n, k)}, got {tuple(labels.shape)}")
         names = findings if findings is not None else getattr(model, "findings", None)
-        if names is None and self.target not in ("top", "all"):
+        if names is None and self.target not in (*PER_IMAGE_TARGETS, "all"):
             raise ValueError(f"attack.target={self.target!r} needs the classifier's finding names (pass findings=)")
         fixed = None if names is None else self.finding_index(names)
         # findings the classifier does not predict come as NaN logits (a pretrained network
@@ -289,8 +310,8 @@ class MultiLabelAttack:
         columns = torch.nonzero(~missing).flatten() if missing.any() else None
         if self.target == "all":
             groups = [(torch.arange(n, device=images.device), None)]
-        elif self.target == "top":
-            top = clean_logits.masked_fill(missing, float("-inf")).argmax(dim=1)
+        elif self.target in PER_IMAGE_TARGETS:
+            top = self.image_findings(clean_logits)
             groups = [(torch.nonzero(top == j).flatten(), j) for j in torch.unique(top).tolist()]
         else:
             groups = [(torch.arange(n, device=images.device), fixed)]
