@@ -1,6 +1,6 @@
 """Sliding-window CE of all 14 findings: this project's engine vs Captum Occlusion.
 
-    python benchmarks/ce_vs_captum.py [--sizes 64 128] [--images 4] [--batch-size 64]
+    python benchmarks/ce_vs_captum.py [--sizes 64 128] [--images 4] [--batch-size 64] [--device cuda]
 
 A resnet18 Classifier (random weights, eval, 1 channel, 14 findings); window =
 size/8, stride = window/2, baseline zero, outcome prob. Per size it reports:
@@ -18,8 +18,9 @@ size/8, stride = window/2, baseline zero, outcome prob. Per size it reports:
 
 Our run and the plain forwards take turns for ``--repeats`` rounds and the
 fastest of each counts (the machine may be shared); Captum's 14 calls are timed
-once. Results go to
-benchmarks/results/ce_vs_captum.json and .md (written atomically).
+once. ``--device cuda`` runs everything on the GPU (timings wait for the GPU to
+finish; float32, so convolutions use TF32 where torch allows it). Results go to
+benchmarks/results/ce_vs_captum.json and .md (written atomically; ``--out``).
 """
 
 from __future__ import annotations
@@ -41,14 +42,22 @@ RESULTS = Path(__file__).resolve().parent / "results"
 K = 14
 
 
-def interleaved_best(functions: dict, repeats: int) -> dict[str, float]:
+def synchronize(device: torch.device) -> None:
+    """Wait for the GPU's queued work (a no-op on the CPU), so wall times measure the work."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def interleaved_best(functions: dict, repeats: int, device: torch.device = torch.device("cpu")) -> dict[str, float]:
     """Fastest wall time of each function over ``repeats`` rounds that run them in turn, so a
     change of load on a shared machine hits all of them alike."""
     times: dict[str, list[float]] = {name: [] for name in functions}
     for _ in range(repeats):
         for name, fn in functions.items():
+            synchronize(device)
             start = time.perf_counter()
             fn()
+            synchronize(device)
             times[name].append(time.perf_counter() - start)
     return {name: min(values) for name, values in times.items()}
 
@@ -85,9 +94,11 @@ def captum_maps(model, x, window: int, stride: int, ppe: int, findings=range(K))
 
 def bench_size(size: int, args) -> dict:
     load_before = os.getloadavg()
+    device = torch.device(args.device)
     torch.manual_seed(0)
-    model = Classifier(backbone="resnet18", image_size=size).eval()
-    x = torch.rand(args.images, 1, size, size, generator=torch.Generator().manual_seed(size))
+    model = Classifier(backbone="resnet18", image_size=size).eval().to(device)
+    # drawn on the CPU, so the images are the same whatever the device
+    x = torch.rand(args.images, 1, size, size, generator=torch.Generator().manual_seed(size)).to(device)
     window = size // 8
     stride = max(1, window // 2)
     n_windows = len(WindowGrid.create((size, size), window, stride))
@@ -100,29 +111,34 @@ def bench_size(size: int, args) -> dict:
     # most batch_size; the plain forwards use exactly those batches (the roofline), and full
     # batches of batch_size (for reference: CPU convolutions can be much faster at 60 than at 64).
     total = args.images + perturbed
-    images = torch.rand(total, 1, size, size)
+    images = torch.rand(total, 1, size, size).to(device)
     plain = plain_forwards(model, images, even_batches(total, args.batch_size))
     full = (perturbed // args.batch_size) * args.batch_size
     plain_full = plain_forwards(model, images, [(a, a + args.batch_size) for a in range(0, full, args.batch_size)])
     ours_maps = ours()  # warm-up
     plain()
-    seconds = interleaved_best({"plain": plain, "plain_full": plain_full, "ours": ours}, args.repeats)
+    seconds = interleaved_best({"plain": plain, "plain_full": plain_full, "ours": ours}, args.repeats, device)
     ours_s = seconds["ours"]
     forward_rate = total / seconds["plain"]
 
     ppe_times = {}
     for ppe in args.captum_ppe:
         captum_maps(model, x[:1], window, stride, ppe, findings=[0])  # warm-up
+        synchronize(device)
         start = time.perf_counter()
         captum_maps(model, x, window, stride, ppe, findings=[0])
+        synchronize(device)
         ppe_times[ppe] = time.perf_counter() - start
     best_ppe = min(ppe_times, key=ppe_times.get)
+    synchronize(device)
     start = time.perf_counter()
     reference = captum_maps(model, x, window, stride, best_ppe)
+    synchronize(device)
     captum_s = time.perf_counter() - start
 
     result = {
         "size": size,
+        "device": str(device),
         "images": args.images,
         "window": window,
         "stride": stride,
@@ -159,13 +175,19 @@ def write_atomically(path: Path, text: str) -> None:
 
 
 def markdown(report: dict) -> str:
+    env = report["environment"]
+    tf32 = "on" if env.get("cudnn_tf32") else "off"
+    where = (
+        f"{report['config']['threads']} CPU threads ({env['processor']})"
+        if report["config"].get("device", "cpu") == "cpu"
+        else f"{env.get('gpu', report['config']['device'])} (float32; TF32 convolutions {tf32})"
+    )
     lines = [
         "# CE engine vs Captum Occlusion (all 14 findings)",
         "",
         f"resnet18 Classifier (random weights), {report['config']['images']} images, window = size/8, "
         f"stride = window/2, baseline zero, outcome prob, batch size {report['config']['batch_size']}, "
-        f"{report['config']['threads']} CPU threads ({report['environment']['processor']}), "
-        f"torch {report['environment']['torch']}, captum {report['environment']['captum']}.",
+        f"{where}, torch {env['torch']}, captum {env['captum']}.",
         "",
         "| size | ours (s) | Captum x14 (s) | speedup | max abs diff | ours perturbed img/s "
         "| plain forward img/s (same batches) | plain img/s (batches of exactly bs) | roofline |",
@@ -203,8 +225,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=RESULTS / "ce_vs_captum.json")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda / cuda:N")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: torch sees no CUDA GPU")
 
     import captum
 
@@ -219,6 +245,7 @@ def main() -> None:
             "captum_ppe_candidates": args.captum_ppe,
             "repeats": args.repeats,
             "threads": args.threads,
+            "device": str(device),
             "backbone": "resnet18",
             "baseline": "zero",
             "outcome": "prob",
@@ -229,6 +256,15 @@ def main() -> None:
             "python": platform.python_version(),
             "processor": platform.processor() or platform.machine(),
             "cpu_count": os.cpu_count(),
+            **(
+                {
+                    "gpu": torch.cuda.get_device_name(device),
+                    "cuda": torch.version.cuda,
+                    "cudnn_tf32": torch.backends.cudnn.allow_tf32,
+                }
+                if device.type == "cuda"
+                else {}
+            ),
         },
         "targets": {"speedup": 5.0, "roofline": 0.9},
         "results": results,

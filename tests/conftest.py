@@ -50,6 +50,7 @@ TINY_EVAL = [
     "latent.intervention.batch_size=16",
     "cams=[gradcam]",
     "evaluation.deletion_steps=4",
+    "~callbacks.progress_bar",
     "+trainer.enable_progress_bar=false",
 ]
 

@@ -24,7 +24,7 @@ def test_evaluate_writes_results_and_report(tmp_path, checkpoint):
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved == json.loads(json.dumps(results))
     assert problems(saved, EVALUATION) == []  # every key is described in the schema (docs/results.md)
-    assert set(saved["classification"]["auroc"]) == set(objects["datamodule"].findings)
+    assert {k for k in saved["classification"]["auroc"] if "_ci_" not in k} == set(objects["datamodule"].findings)
     # the pairs are the test images' present findings that have a box
     test = objects["datamodule"].dataset("test")
     items = [test[i] for i in range(len(test))]
@@ -188,7 +188,10 @@ def test_evaluation_scores_a_model_that_only_looks_at_its_boxes_exactly():
     pairs = sum(int(item["labels"].sum()) for item in items)
     assert results["localisation_pairs"] == pairs == 37
     # lit boxes give logit +5, dark ones -5: every finding perfectly ranked
-    assert results["classification"]["auroc"] == {f: 1.0 for f in FINDINGS}
+    auroc = results["classification"]["auroc"]
+    assert {f: auroc[f] for f in FINDINGS} == {f: 1.0 for f in FINDINGS}
+    # perfect in every resample: a zero-width interval
+    assert results["classification"]["auroc_mean_ci_low"] == results["classification"]["auroc_mean_ci_high"] == 1.0
     ce = results["localisation"]["ce"]
     # occluding a window changes only the finding whose box it is: the map is positive on the box
     # alone, so its peak, its thresholded region and its box are the lesion box
@@ -198,6 +201,14 @@ def test_evaluation_scores_a_model_that_only_looks_at_its_boxes_exactly():
     flat = results["localisation"]["flat"]
     assert flat["pointing_game"] == pytest.approx(CELL * CELL / SIDE**2)
     assert flat["energy_pointing_game"] == 0.0
+    # every pair scores the same, so the intervals have no width, and CE beats the flat map by
+    # exactly the difference of the two constants
+    assert ce["pointing_game_ci_low"] == ce["pointing_game_ci_high"] == 1.0
+    assert flat["pointing_game_ci_low"] == pytest.approx(flat["pointing_game"])
+    minus = ce["minus"]["flat"]
+    assert minus["pointing_game"] == pytest.approx(1 - CELL * CELL / SIDE**2)
+    assert minus["pointing_game_ci_low"] == pytest.approx(minus["pointing_game"])
+    assert "minus" not in flat  # only CE methods are compared with the others
     # deletion (zero baseline, 4 steps of 196 pixels): the box goes in the first step, so the
     # curve is s(5), s(-5), s(-5), s(-5), s(-5); insertion mirrors it (s: sigmoid)
     low = torch.sigmoid(torch.tensor(-5.0)).item()

@@ -34,6 +34,7 @@ from causal_ie.attacks.features import CEFeatureExtractor
 from causal_ie.attacks.statistics import STATISTICS, box_share, map_correlation, map_statistics
 from causal_ie.explain.explainers import Explainer, select_maps
 from causal_ie.models.findings import finding_aurocs
+from causal_ie.precision import autocast, current_search_dtype, full_precision
 from causal_ie.rows import Rows, group_code, patient_codes
 
 # per-image attack outcome columns (see _outcome)
@@ -171,10 +172,18 @@ class AttackEvaluation(nn.Module):
         if self.use_mahalanobis and self.mahalanobis is None:
             raise RuntimeError("detection.mahalanobis needs fit_reference(classifier, images) first (evaluate.py does it)")
         images, labels = batch["image"], batch["labels"]
+        # the attack is a search (it may run under the trainer's bf16 autocast); everything it is
+        # judged by is measured in float32 (causal_ie.precision)
+        search = current_search_dtype(images.device)
+        with full_precision(images.device):
+            self._update(classifier, batch, images, labels, clean_maps, clean_probs, search)
+
+    def _update(self, classifier, batch, images, labels, clean_maps, clean_probs, search) -> None:
         with torch.no_grad():
             logits_clean = classifier(images)
         p_clean = logits_clean.sigmoid() if clean_probs is None else clean_probs
-        adv = self.attack(classifier, images, labels, self.findings)
+        with autocast(search, images.device):
+            adv = self.attack(classifier, images, labels, self.findings)
         with torch.no_grad():
             logits_adv = classifier(adv.images)
         p_adv = logits_adv.sigmoid()

@@ -87,7 +87,7 @@ def region_features(
     features[f"{prefix}min.min"] = masked["min"].nan_to_num(float("inf")).amin(1)
     mass = effects.abs().masked_fill(~known[..., None], 0.0).sum(1)  # [N, R]
     share = mass / mass.sum(-1, keepdim=True).clamp_min(torch.finfo(mass.dtype).tiny)
-    entropy = -torch.special.xlogy(share, share).sum(-1) / math.log(r) if r > 1 else torch.zeros(n)
+    entropy = -torch.special.xlogy(share, share).sum(-1) / math.log(r) if r > 1 else share.new_zeros(n)
     features[f"{prefix}spatial_entropy"] = entropy
     return features
 

@@ -28,7 +28,9 @@ from causal_ie.counterfactuals.svce import CounterfactualGenerator, Counterfactu
 from causal_ie.explain.explainers import Explainer
 from causal_ie.outputs.report import write_artefacts, write_report
 from causal_ie.outputs.results import write_results
+from causal_ie.precision import autocast, full_precision, parse_precision, search_autocast_dtype
 from causal_ie.runs import check_compatible, load_classifier
+from causal_ie.runtime import model_device, to_model
 
 log = logging.getLogger(__name__)
 
@@ -96,9 +98,18 @@ def target_findings(finding: Any, names: tuple[str, ...]) -> list[int]:
     return finding_indices(wanted, len(wanted), names).tolist()
 
 
-def _device(accelerator: str) -> torch.device:
+def _device(trainer: Any) -> torch.device:
+    """The device ``trainer.accelerator`` / ``trainer.devices`` name (one device: this command runs
+    in one process; ``devices: [2]`` is cuda:2)."""
+    accelerator = str(trainer.get("accelerator", "cpu")).lower()
+    devices = trainer.get("devices", 1)
+    index = int(devices[0]) if OmegaConf.is_list(devices) or isinstance(devices, list | tuple) else None
     if accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available()):
-        return torch.device("cuda")
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"trainer.accelerator={accelerator!r} but torch sees no CUDA GPU; use trainer=cpu")
+        return torch.device("cuda", index) if index is not None else torch.device("cuda")
+    if accelerator == "mps" or (accelerator == "auto" and torch.backends.mps.is_available()):
+        return torch.device("mps")
     return torch.device("cpu")
 
 
@@ -169,7 +180,7 @@ def _figure_rows(
                 "direction": direction,
                 "before": float(before[i]),
                 "counterfactuals": {
-                    m: {"image": r.z[i, 0].numpy(), "after": float(r.confidence_after[i])} for m, r in results.items()
+                    m: {"image": r.z[i, 0].float().numpy(), "after": float(r.confidence_after[i])} for m, r in results.items()
                 },
             }
         )
@@ -181,9 +192,10 @@ def _add_ce_maps(rows: list[dict], pairs: FindingPairs, classifier: torch.nn.Mod
     if not rows:
         return
     idx = torch.tensor([row["pair"] for row in rows])
-    images = pairs.images[idx].to(next(classifier.parameters()).device)
-    maps = explainer(classifier, images, torch.arange(len(rows)), pairs.finding[idx])
-    for row, m in zip(rows, maps.cpu().numpy()):
+    images = to_model(classifier, pairs.images[idx])
+    with full_precision(images.device):  # a measurement (see causal_ie.precision)
+        maps = explainer(classifier, images, torch.arange(len(rows)), pairs.finding[idx])
+    for row, m in zip(rows, maps.detach().float().cpu().numpy()):
         row["ce"] = m
 
 
@@ -196,7 +208,13 @@ def run_counterfactuals(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]
     if int(settings.num_images) < 1:
         raise ValueError(f"counterfactual.num_images must be >= 1, got {settings.num_images}")
     classifier, ckpt = load_classifier(cfg)
-    classifier = classifier.to(_device(cfg.trainer.get("accelerator", "cpu")))
+    # trainer.precision: *-true sets the weights' dtype; bf16-mixed runs the searches under bfloat16
+    # autocast (16-mixed: float32, as float16 input gradients can underflow); every measurement
+    # (confidences, CE maps) is taken with autocast off
+    precision = cfg.trainer.get("precision", "32-true")
+    weights_dtype, _ = parse_precision(precision)
+    classifier = classifier.to(device=_device(cfg.trainer), dtype=weights_dtype)
+    search_dtype = search_autocast_dtype(precision)
     datamodule = instantiate(cfg.data, _convert_="all")
     check_compatible(classifier, datamodule, ckpt)
     names = tuple(datamodule.findings)
@@ -218,9 +236,10 @@ def run_counterfactuals(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]
 
     per_method: dict[str, CounterfactualResult] = {}
     for name, method in methods.items():
-        per_method[name] = method(
-            classifier, pairs.images, pairs.finding, settings.direction, pairs.boxes, pairs.marker_boxes, names
-        )
+        with autocast(search_dtype, model_device(classifier)):
+            per_method[name] = method(
+                classifier, pairs.images, pairs.finding, settings.direction, pairs.boxes, pairs.marker_boxes, names
+            )
     summary = {name: summarise(r, names, shortcut) for name, r in per_method.items()}
     results = {
         "run": {

@@ -35,7 +35,8 @@ from causal_ie.counterfactuals.afw import auto_frank_wolfe, frank_wolfe
 from causal_ie.counterfactuals.lmo import check_p, lp_norm
 from causal_ie.data.findings import FINDINGS
 from causal_ie.explain.metrics import box_masks
-from causal_ie.runtime import eval_mode, model_device
+from causal_ie.precision import full_precision
+from causal_ie.runtime import eval_mode, model_device, to_model
 
 __all__ = [
     "CHANGED",
@@ -114,6 +115,8 @@ class FindingObjective:
 
     def __call__(self, z: Tensor) -> Tensor:
         logit = self.model(z).gather(1, self.finding[:, None])[:, 0]
+        # in z's dtype: under autocast the logit comes in bfloat16, its log-sigmoid need not
+        logit = logit.to(z.dtype)
         return F.logsigmoid(torch.where(self.add, logit, -logit))
 
 
@@ -190,7 +193,11 @@ def _image_gradients_only(model: nn.Module) -> Iterator[nn.Module]:
 class CounterfactualGenerator:
     """Shared driver: targets, batching, confidences and measures around one optimiser.
 
-    Subclasses implement :meth:`optimise` for one batch on the model's device.
+    Subclasses implement :meth:`optimise` for one batch on the model's device (in its dtype).
+    The optimisation runs under whatever autocast the caller set (a search may run in
+    bfloat16); the confidences before and after are measured with autocast off
+    (:func:`causal_ie.precision.full_precision`). Results come back on the CPU, ``z`` in
+    the dtype of ``x``.
     """
 
     name = "counterfactual"
@@ -240,12 +247,12 @@ class CounterfactualGenerator:
         with _image_gradients_only(model):
             for start in range(0, batch, self.batch_size):
                 part = slice(start, start + self.batch_size)
-                xb, kb, ab = x[part].detach().to(device), k[part].to(device), add[part].to(device)
+                xb, kb, ab = to_model(model, x[part].detach()), k[part].to(device), add[part].to(device)
                 zb = self.optimise(model, xb, kb, ab).detach()
-                with torch.no_grad():
+                with torch.no_grad(), full_precision(device):
                     before.append(torch.sigmoid(model(xb).gather(1, kb[:, None])[:, 0]).float().cpu())
                     after.append(torch.sigmoid(model(zb).gather(1, kb[:, None])[:, 0]).float().cpu())
-                z_parts.append(zb.cpu())
+                z_parts.append(zb.to("cpu", x.dtype))
         z = torch.cat(z_parts)
         return CounterfactualResult(
             method=self.name,

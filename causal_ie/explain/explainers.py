@@ -26,6 +26,7 @@ from causal_ie.interventions import (
     latent_split,
     superpixel_effect,
 )
+from causal_ie.precision import full_precision
 from causal_ie.runtime import model_device, model_dtype, to_model
 
 
@@ -72,7 +73,9 @@ class CEExplainer:
         return select_maps(maps, position, finding_idx)
 
     def all_findings(self, model: nn.Module, images: Tensor) -> Tensor:
-        return self._maps(model, to_model(model, images)).to(images.device)
+        # a measurement: float32 even inside a bf16/16-mixed test step (causal_ie.precision)
+        with full_precision(model_device(model, images.device)):
+            return self._maps(model, to_model(model, images)).to(images.device)
 
     def _maps(self, model: nn.Module, images: Tensor) -> Tensor:
         raise NotImplementedError

@@ -26,6 +26,7 @@ from torchmetrics import Metric, MetricCollection
 
 from causal_ie.interventions import InterventionSpec, MaskRegions, region_effects
 from causal_ie.interventions.engine import check_images, image_forward
+from causal_ie.precision import full_precision
 from causal_ie.runtime import eval_mode, to_model
 
 DEFAULT_THRESHOLDS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
@@ -90,7 +91,8 @@ class PointingGame(Metric):
         self.add_state("hits", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("total", torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
 
-    def update(self, maps: Tensor, boxes: Tensor) -> None:
+    def pair_hits(self, maps: Tensor, boxes: Tensor) -> Tensor:
+        """The hit of each pair [P] (float64: 1, 0, or the share of tied maxima in the box)."""
         _check_maps_and_boxes(maps, boxes)
         t = self.tolerance
         grow = torch.tensor([-t, -t, 2 * t, 2 * t], dtype=torch.float64, device=maps.device)
@@ -98,7 +100,10 @@ class PointingGame(Metric):
         inside = box_masks(grown, maps.shape[1], maps.shape[2])
         peak = maps.flatten(1).amax(dim=1)[:, None, None]
         peaks = (maps == peak).flatten(1)
-        hit = (peaks & inside.flatten(1)).sum(dim=1).double() / peaks.sum(dim=1).clamp(min=1)
+        return (peaks & inside.flatten(1)).sum(dim=1).double() / peaks.sum(dim=1).clamp(min=1)
+
+    def update(self, maps: Tensor, boxes: Tensor) -> None:
+        hit = self.pair_hits(maps, boxes)
         self.hits += hit.sum().to(self.hits.device)
         self.total += maps.shape[0]
 
@@ -208,15 +213,18 @@ class BoxLocalisation(Metric):
             pred[p, r0 : r1 + 1, c0 : c1 + 1] = True
         return pred
 
-    def update(self, maps: Tensor, boxes: Tensor) -> None:
+    def pair_overlaps(self, maps: Tensor, boxes: Tensor) -> tuple[Tensor, Tensor]:
+        """(IoU [P], IoBB [P]) of each pair's predicted box with its lesion box (float64, CPU)."""
         _check_maps_and_boxes(maps, boxes)
         pred = self.predicted_masks(maps)
         gt = box_masks(boxes.detach().cpu(), maps.shape[1], maps.shape[2])
         inter = (pred & gt).flatten(1).sum(dim=1).double()
         union = (pred | gt).flatten(1).sum(dim=1).double()
         pred_area = pred.flatten(1).sum(dim=1).double()  # >= 1: the peak is always in
-        iou = inter / union
-        iobb = inter / pred_area
+        return inter / union, inter / pred_area
+
+    def update(self, maps: Tensor, boxes: Tensor) -> None:
+        iou, iobb = self.pair_overlaps(maps, boxes)
         thresholds = torch.tensor(self.thresholds, dtype=torch.float64)
         device = self.total.device
         self.iou_hits += (iou[:, None] > thresholds).sum(dim=0).to(device)
@@ -356,7 +364,8 @@ class DeletionInsertion(Metric):
         masks = torch.cat([top, ~top], dim=1).view(num_pairs, -1, height, width)
         check_images(images, "images")
         inputs = to_model(self.classifier, images.detach())
-        with eval_mode(self.classifier), torch.no_grad():
+        # a measurement: float32 even inside a bf16/fp16-mixed test step (see causal_ie.precision)
+        with eval_mode(self.classifier), torch.no_grad(), full_precision(inputs.device):
             effects, probs = region_effects(
                 image_forward(self.classifier), inputs, MaskRegions(masks.to(inputs.device), num_pairs),
                 self.intervention.baseline_for(inputs), self.intervention, with_reference=True,

@@ -33,7 +33,8 @@ from tqdm.auto import tqdm
 
 from causal_ie.interventions.latent import LatentSplit, latent_split
 from causal_ie.io import atomic_open
-from causal_ie.runtime import eval_mode, to_model
+from causal_ie.precision import full_precision
+from causal_ie.runtime import eval_mode, model_device, to_model
 
 log = logging.getLogger(__name__)
 
@@ -167,6 +168,11 @@ def train_autoencoder(
     returning a fresh iterable per pass). The classifier stays frozen: A is computed in eval
     mode under ``no_grad``, so its parameters never get gradients. The initialisation is
     seeded from ``settings.seed`` inside a forked RNG, leaving the global RNG untouched.
+
+    It trains on the classifier's device, in the activation's dtype (float32 for a float32
+    classifier, float64 for a float64 one; half-precision activations are trained on in
+    float32), with autocast off and gradients on, so it may be called from inside a
+    Lightning hook (which runs under ``no_grad``) or a mixed-precision step.
     Returns the autoencoder in eval mode, frozen, with ``reconstruction_l1`` /
     ``activation_l1`` measured over the last tenth of the steps.
     """
@@ -178,11 +184,18 @@ def train_autoencoder(
     magnitudes: list[Tensor] = []
     autoencoder: ActivationAutoencoder | None = None
     optimiser: torch.optim.Optimizer | None = None
-    with eval_mode(split):
+    with (
+        eval_mode(split),
+        torch.inference_mode(False),
+        torch.enable_grad(),
+        full_precision(model_device(split)),
+    ):
         for step in tqdm(range(steps), disable=not progress, desc="autoencoder"):
             x = next(stream)
             with torch.no_grad():
-                activation = split.encode(to_model(split, x))[0].float()
+                activation = split.encode(to_model(split, x))[0]
+            if activation.dtype not in (torch.float32, torch.float64):
+                activation = activation.float()
             if autoencoder is None:  # the channel count is only known from the first activation
                 if activation.dim() != 4:
                     raise ValueError(
@@ -192,7 +205,7 @@ def train_autoencoder(
                 with torch.random.fork_rng(devices=[]):
                     torch.default_generator.manual_seed(int(settings.seed))
                     autoencoder = ActivationAutoencoder(activation.shape[1], settings.hidden, settings.bottleneck)
-                autoencoder = autoencoder.to(activation.device).train()
+                autoencoder = autoencoder.to(device=activation.device, dtype=activation.dtype).train()
                 optimiser = torch.optim.Adam(autoencoder.parameters(), lr=lr)
             assert optimiser is not None
             reconstruction = autoencoder(activation)
@@ -234,6 +247,15 @@ class AutoencoderSpace(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         latent, context = self.encode(x)
         return self.decode(latent, context, torch.arange(x.shape[0], device=latent.device))
+
+
+@dataclass(frozen=True)
+class AutoencoderCache:
+    """Where fitted autoencoders are kept (``directory``, e.g. ``paths.cache_dir``) and ``key``,
+    which names the classifier's weights and its training images (see :func:`cache_path`)."""
+
+    directory: str | Path
+    key: str
 
 
 def cache_path(cache_dir: str | Path, key: str, layer: str, settings: AutoencoderSettings) -> Path:

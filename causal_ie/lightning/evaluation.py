@@ -2,21 +2,26 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import lightning as L
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MultilabelAUROC
 
 from causal_ie.attacks.evaluation import AttackEvaluation
-from causal_ie.explain.explainers import Explainer, select_maps
+from causal_ie.explain.explainers import Explainer, LatentCE, select_maps
+from causal_ie.explain.intervals import classification_intervals, localisation_intervals
 from causal_ie.explain.metrics import DEFAULT_THRESHOLDS, DeletionInsertion, localisation_metrics
-from causal_ie.interventions import InterventionSpec
+from causal_ie.interventions import InterventionSpec, resolve_layer
+from causal_ie.interventions.autoencoder import AutoencoderCache, cache_path
+from causal_ie.io import atomic_open
 from causal_ie.models import Classifier
 from causal_ie.models.findings import finding_aurocs, predicted_mask
+from causal_ie.precision import full_precision
+from causal_ie.rows import Rows, patient_codes
 
 
 def box_pairs(
@@ -28,6 +33,78 @@ def box_pairs(
     if predicted is not None:
         keep &= predicted.to(keep.device)
     return torch.nonzero(keep, as_tuple=True)
+
+
+def fit_autoencoders(
+    explainers: Mapping[str, Explainer],
+    classifier: nn.Module,
+    train_images: Callable[[], Iterable[Tensor]],
+    cache: AutoencoderCache | None,
+    strategy: Any = None,
+) -> dict[str, dict[str, Any]]:
+    """Fit (or load from ``cache``) the autoencoder of every latent explainer with
+    ``space=autoencoder``, on the classifier's device and in its dtype; returns each one's
+    ``{"space", "reconstruction_l1", "activation_l1"}`` (the run block of results.json).
+
+    ``train_images()`` gives a fresh pass over the training images. With a Lightning
+    ``strategy`` of several processes, only global rank 0 fits (or loads) and writes the
+    cache; the weights then go to every process by ``strategy.broadcast``, which the others
+    store at the same cache path (unless it already holds them: a shared file system) and
+    load from there, so all processes explain with rank 0's autoencoder, bit for bit.
+    """
+    fitting = {n: e for n, e in explainers.items() if isinstance(e, LatentCE) and e.space == "autoencoder"}
+    if not fitting:
+        return {}
+    if cache is None:
+        raise ValueError(
+            f"explainers {sorted(fitting)} intervene through an autoencoder: CEEvaluation needs "
+            "autoencoder_cache=AutoencoderCache(directory, key) to fit it (evaluate.py passes paths.cache_dir)"
+        )
+    distributed = strategy is not None and int(getattr(strategy, "world_size", 1)) > 1
+    rank_zero = not distributed or bool(strategy.is_global_zero)
+    states: dict[str, dict[str, Tensor]] | None = {}
+    if rank_zero:
+        for name, explainer in fitting.items():
+            space = explainer.fit_autoencoder(classifier, train_images, cache.directory, cache.key)
+            states[name] = {k: v.detach().cpu() for k, v in space.autoencoder.state_dict().items()}
+    if distributed:
+        states = strategy.broadcast(states, src=0)
+        if not rank_zero:
+            for name, explainer in fitting.items():
+                path = cache_path(cache.directory, cache.key, resolve_layer(classifier, explainer.layer), explainer.autoencoder)
+                if not _holds(path, states[name]):
+                    with atomic_open(path, "wb") as f:
+                        torch.save(states[name], f)
+                explainer.fit_autoencoder(classifier, _rank_zero_fits(path), cache.directory, cache.key)
+    assert states is not None
+    return {
+        name: {
+            "space": "autoencoder",
+            "reconstruction_l1": float(states[name]["reconstruction_l1"]),
+            "activation_l1": float(states[name]["activation_l1"]),
+        }
+        for name in fitting
+    }
+
+
+def _holds(path, state: Mapping[str, Tensor]) -> bool:
+    """Whether ``path`` already holds exactly ``state`` (e.g. rank 0 wrote it on a shared file system)."""
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # missing or unreadable: write it
+        return False
+    return saved.keys() == state.keys() and all(
+        saved[k].dtype == v.dtype and torch.equal(saved[k], v) for k, v in state.items()
+    )
+
+
+def _rank_zero_fits(path) -> Callable[[], Iterator[Tensor]]:
+    """Training batches for a process other than rank 0: it must load, never train."""
+
+    def fail() -> Iterator[Tensor]:
+        raise RuntimeError(f"this process could not load the autoencoder that global rank 0 fitted ({path})")
+
+    return fail
 
 
 class CEEvaluation(L.LightningModule):
@@ -53,6 +130,9 @@ class CEEvaluation(L.LightningModule):
         faithfulness: bool = True,
         examples_per_finding: int = 2,
         attack: AttackEvaluation | None = None,
+        autoencoder_cache: AutoencoderCache | None = None,
+        n_boot: int = 2000,
+        seed: int = 0,
     ):
         super().__init__()
         if not explainers:
@@ -78,11 +158,35 @@ class CEEvaluation(L.LightningModule):
         )
         self.examples_per_finding = examples_per_finding
         self.attack = attack
+        # per-image and per-pair values (with their patients) for the 95 % intervals
+        self.n_boot, self.seed = int(n_boot), int(seed)
+        self.image_rows = Rows()
+        self.pair_rows = Rows()
         self.examples: list[dict[str, Any]] = []
         self.results: dict[str, Any] = {}
         self.artefacts: dict[str, dict[str, Any]] = {}
         self._pairs_seen = torch.zeros((), dtype=torch.long)
         self._images_seen = torch.zeros((), dtype=torch.long)
+        # latent explainers with space=autoencoder are fitted in on_test_start; what they report
+        self.autoencoder_cache = autoencoder_cache
+        self.autoencoder_fits: dict[str, dict[str, Any]] = {}
+
+    def on_test_start(self) -> None:
+        """Fit (or load) the latent explainers' autoencoders (:func:`fit_autoencoders`) now that
+        Lightning has put the classifier on its device: the training runs there, not on the CPU
+        before ``trainer.test``. Under DDP rank 0 fits and the others get its weights."""
+        strategy = self.trainer.strategy if self.trainer.world_size > 1 else None
+        self.autoencoder_fits = fit_autoencoders(
+            self.explainers, self.classifier, self._train_images, self.autoencoder_cache, strategy
+        )
+
+    def _train_images(self) -> Iterator[Tensor]:
+        """One pass over the datamodule's training images (the autoencoder's training data)."""
+        datamodule = self.trainer.datamodule
+        if datamodule is None:
+            raise RuntimeError("the latent autoencoder trains on the training images: pass datamodule= to trainer.test")
+        datamodule.setup("fit")
+        return (batch["image"] for batch in datamodule.train_dataloader())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(x)
@@ -94,10 +198,13 @@ class CEEvaluation(L.LightningModule):
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
         images, labels, boxes = batch["image"], batch["labels"], batch["boxes"]
-        with torch.no_grad():
+        # measurements are float32 under *-mixed too (causal_ie.precision); CE maps: the explainers
+        with torch.no_grad(), full_precision(self.device):
             probs = self.classifier(images).sigmoid()
         self.auroc.update(probs.nan_to_num(0.0), labels.long())
         self._images_seen += images.shape[0]
+        patients = patient_codes(batch, images.device)
+        self.image_rows.update(torch.cat([patients[:, None], probs.nan_to_num(0.0).double(), labels.double()], 1))
         img_idx, finding_idx = box_pairs(labels, boxes, self.predicted)
         # the attack study needs every finding's clean CE map; the box pairs are a selection of them
         clean_maps = {}
@@ -109,14 +216,19 @@ class CEEvaluation(L.LightningModule):
         self._pairs_seen += img_idx.numel()
         pair_boxes = boxes[img_idx, finding_idx]
         maps = {}
+        per_pair = [patients[img_idx]]
         for name, explainer in self.explainers.items():
             if name in clean_maps:
                 maps[name] = select_maps(clean_maps[name], img_idx, finding_idx).detach()
             else:
                 maps[name] = explainer(self.classifier, images, img_idx, finding_idx).detach()
             self.localisation[name].update(maps[name], pair_boxes)
+            metrics = self.localisation[name]
+            iou, iobb = metrics["box"].pair_overlaps(maps[name], pair_boxes)
+            per_pair += [metrics["pointing_game"].pair_hits(maps[name], pair_boxes), iou.to(images.device), iobb.to(images.device)]
             if name in self.faithfulness:
                 self.faithfulness[name].update(images[img_idx], maps[name], finding_idx)
+        self.pair_rows.update(torch.stack([v.double().to(images.device) for v in per_pair], 1))
         self._keep_examples(batch, probs, img_idx, finding_idx, maps)
 
     def _keep_examples(self, batch, probs, img_idx, finding_idx, maps) -> None:
@@ -165,6 +277,7 @@ class CEEvaluation(L.LightningModule):
                 faith = self.faithfulness[name]
                 results["faithfulness"][name] = {k: float(v) for k, v in faith.compute().items()}
                 faith.reset()
+        self._add_intervals(results)
         self.artefacts = {"localisation": {"examples": self.examples}}
         if self.attack is not None:
             attack_results, self.artefacts["attack"] = self.attack.compute()
@@ -177,3 +290,29 @@ class CEEvaluation(L.LightningModule):
         if self.attack is not None:
             self.log("test/attack_success_rate", results["attack"]["success_rate"], rank_zero_only=True)
             self.log("test/detection_ce_auroc", results["detection"]["ce"]["auroc"], rank_zero_only=True)
+
+    def _add_intervals(self, results: dict[str, Any]) -> None:
+        """95 % patient-bootstrap intervals beside the AUROCs, pointing games and IoBB/IoU
+        accuracies, and each CE method's differences to the other methods."""
+        images = self.image_rows.compute().cpu().numpy()
+        pairs = self.pair_rows.compute().cpu().numpy()
+        self.image_rows.reset()
+        self.pair_rows.reset()
+        k = len(self.findings)
+        if len(images):
+            groups = [str(int(g)) for g in images[:, 0]]
+            bounds = classification_intervals(
+                images[:, 1 : 1 + k], images[:, 1 + k :], groups, self.predicted.numpy(), self.findings,
+                self.n_boot, self.seed,
+            )
+            per_finding = bounds.pop("auroc")
+            results["classification"].update(bounds)
+            results["classification"]["auroc"].update(per_finding)
+        if len(pairs) and len({int(g) for g in pairs[:, 0]}) >= 1:
+            groups = [str(int(g)) for g in pairs[:, 0]]
+            per_method = {
+                name: {"hit": pairs[:, 1 + 3 * i], "iou": pairs[:, 2 + 3 * i], "iobb": pairs[:, 3 + 3 * i]}
+                for i, name in enumerate(self.explainers)
+            }
+            for name, bounds in localisation_intervals(per_method, groups, self.thresholds, self.n_boot, self.seed).items():
+                results["localisation"][name].update(bounds)

@@ -148,6 +148,9 @@ class Classifier(L.LightningModule):
         image_size: the size the model is trained at; recorded in the
             checkpoint so evaluation can check it fits the data.
         pos_weight: per-finding positive weights for BCE (list), or None.
+        channels_last: keep the weights (and so every activation) in the channels_last
+            memory format: faster convolutions on GPUs with tensor cores under mixed
+            precision; same results up to float rounding. Off by default.
         adv_train: adversarial training (Madry et al. 2018), or None: ``attack``
             (``pgd``, ``fgsm``, ``bim``, ``pgdl2`` or null for standard training),
             ``eps``, ``steps``, ``alpha`` (null: 2.5 * eps / steps) and ``ratio``,
@@ -173,6 +176,7 @@ class Classifier(L.LightningModule):
         lr_patience: int = 1,
         pos_weight: list[float] | None = None,
         adv_train: Mapping[str, Any] | None = None,
+        channels_last: bool = False,
     ):
         super().__init__()
         findings = [str(f) for f in findings]
@@ -202,6 +206,7 @@ class Classifier(L.LightningModule):
                 lr_patience=int(lr_patience),
                 pos_weight=None if pos_weight is None else [float(w) for w in pos_weight],
                 adv_train=adv_train,
+                channels_last=bool(channels_last),
             )
         )
         self.findings = tuple(findings)
@@ -221,6 +226,11 @@ class Classifier(L.LightningModule):
         )
         self.val_auroc = MultilabelAUROC(num_labels=len(findings), average=None)
         self.test_auroc = MultilabelAUROC(num_labels=len(findings), average=None)
+        if channels_last:
+            # convolutions follow their weight's layout (cuDNN and oneDNN take channels_last when
+            # either the input or the weight has it), so the images need no conversion; moving
+            # the model to a device and loading a state dict keep the layout
+            self.to(memory_format=torch.channels_last)
 
     @property
     def num_findings(self) -> int:
@@ -274,7 +284,9 @@ class Classifier(L.LightningModule):
     def _eval_step(self, batch: dict, stage: str, auroc: MultilabelAUROC) -> None:
         logits = self(batch["image"])
         loss = self.loss(logits, batch["labels"])
-        auroc.update(logits.sigmoid(), batch["labels"].long())
+        # float32 probabilities: under *-mixed a half-precision sigmoid rounds them to ~2e-3 and ties the ranking
+        half = logits.dtype in (torch.float16, torch.bfloat16)
+        auroc.update((logits.float() if half else logits).sigmoid(), batch["labels"].long())
         self.log(f"{stage}/loss", loss, prog_bar=True, sync_dist=True, batch_size=len(logits))
 
     def _log_auroc(self, stage: str, auroc: MultilabelAUROC) -> None:

@@ -70,6 +70,20 @@ DATA_REPORT: Tree = {
     },
 }
 
+APPROX_ERROR: Tree = {
+    "method": Key(str, "mask.approx: the approximations that ran (bf16, projective, drilldown, joined by +)"),
+    "images": Key(int, "images whose exact map was computed too (mask.approx_check, the first ones; rank 0 under DDP)"),
+    "maps": Key(int, "(image, finding) maps compared"),
+    "max_rel_error": Key(float, "largest over maps of max |approximate - exact| / max |exact| of the map"),
+    "mean_rel_error": Key(float, "mean over maps of the same ratio"),
+    "pointing_agreement": Key(float, "share of maps whose maximum lies on a maximal pixel of the exact map"),
+    "window_agreement": Key(float, "share of maps whose maximum lies within one window of the exact map's"),
+    "speedup": Key(float, "exact seconds per image / approximate seconds per image on the checked images"),
+    "tau": Key(float, "projective: the projective-field threshold (share of a map's side)"),
+    "coarse": Key(int, "drilldown: stage 1 computed every coarse-th window per axis"),
+    "refine": Key(float, "drilldown: share of all windows recomputed exactly in stage 2"),
+}
+
 EVALUATION_RUN: Tree = {
     "checkpoint": Key(str, "the classifier's checkpoint or weights file (none: random weights)"),
     "data": DATA_REPORT,
@@ -77,17 +91,23 @@ EVALUATION_RUN: Tree = {
     "image_size": Key(int, "side of the square test images in pixels, the resolution of every map"),
     "mask": Key(str, "region kind of the main CE (patch, pixel, superpixel, latent), or none"),
     "backbone": Key(str, "the classifier's backbone (timm name, or xrv:<weights>)"),
-    "<method>": RECONSTRUCTION,
+    "<method>": {**RECONSTRUCTION, "approx_error": APPROX_ERROR},
 }
 
 LOCALISATION: Tree = {
     "pointing_game": Key(float, "share of maps whose maximum lies in the box (ties: the share of maximal pixels in it)", True),
     "energy_pointing_game": Key(float, "mean share of the map's positive mass inside the box"),
-    "iobb@<T>": Key(float, "share of pairs whose predicted box (largest component of the map >= 0.5 after min-max normalisation) has IoBB > T (Wang et al. 2017)"),
-    "iou@<T>": Key(float, "share of pairs whose predicted box has IoU > T with the lesion box"),
+    "iobb@<T>": Key(float, "share of pairs whose predicted box (largest component of the map >= 0.5 after min-max normalisation) has IoBB > T (Wang et al. 2017)", True),
+    "iou@<T>": Key(float, "share of pairs whose predicted box has IoU > T with the lesion box", True),
     "iobb_mean": Key(float, "mean IoBB of the predicted boxes"),
     "iou_mean": Key(float, "mean IoU of the predicted boxes"),
     "pairs": Key((int, float), "(image, finding) pairs scored"),
+    "minus": {
+        "<method>": {
+            "pointing_game": Key(float, "CE methods only: this method's pointing game minus the other method's, same pairs", True),
+            "iobb@<T>": Key(float, "CE methods only: the same difference of IoBB@T accuracies", True),
+        }
+    },
 }
 
 FAITHFULNESS: Tree = {
