@@ -5,7 +5,9 @@ Per batch it runs the attack, the CE explainers on the clean and the
 adversarial images, and keeps one row of numbers per image (statistics,
 detector features, baseline scores). The rows are a torchmetrics state, so
 under DDP every process attacks its shard and ``compute`` gathers them; the
-detector is then fitted once on the gathered rows (patient-grouped halves).
+detectors are then cross-fitted once on the gathered rows (patient-grouped
+halves, each scored by the detector fitted on the other) and scored with
+patient-bootstrap intervals.
 """
 
 from __future__ import annotations
