@@ -39,6 +39,17 @@ def instantiate_dict(cfg: DictConfig | None) -> list[Any]:
     return objects
 
 
+def build_callbacks(cfg: DictConfig) -> list[Any]:
+    """The ``callbacks`` group; a progress bar is left out when ``trainer.enable_progress_bar``
+    is false (Lightning refuses the pair rather than choosing)."""
+    from lightning.pytorch.callbacks import ProgressBar
+
+    callbacks = instantiate_dict(cfg.get("callbacks"))
+    if cfg.get("trainer") is not None and cfg.trainer.get("enable_progress_bar", True) is False:
+        callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
+    return callbacks
+
+
 def _in_multirun() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 

@@ -12,7 +12,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from causal_ie.io import atomic_write_json
-from causal_ie.runs import instantiate_dict
+from causal_ie.runs import build_callbacks, instantiate_dict
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
             "use it with evaluate.py (e.g. python evaluate.py model=xrv) or causal_ie.counterfactuals; "
             "train.py trains the timm backbones (model=densenet121, resnet18, ...)"
         )
-    callbacks = instantiate_dict(cfg.get("callbacks"))
+    callbacks = build_callbacks(cfg)
     loggers = instantiate_dict(cfg.get("logger"))
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     for logger in loggers:

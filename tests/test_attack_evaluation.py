@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -15,7 +16,7 @@ from sklearn.metrics import roc_auc_score
 from causal_ie.attacks.detection import crossfit_scores, detect, load_detection_data
 from causal_ie.rows import group_code
 from causal_ie.evaluation import evaluate
-from causal_ie.outputs.results import flatten
+from causal_ie.outputs.results import flatten, read_results
 from causal_ie.outputs.schema import EVALUATION, problems
 
 # no CAMs or deletion curves: the attack study is what is tested here
@@ -105,11 +106,19 @@ def test_detector_scores_chance_when_adversarial_images_are_clean_copies(tmp_pat
         assert results["detection"][name]["auroc"] == pytest.approx(0.5, abs=1e-9), name
 
 
-def test_detection_on_changed_pairs_needs_images_the_attack_changed(tmp_path, checkpoint):
+def test_detection_without_enough_changed_pairs_is_skipped_and_the_rest_is_kept(tmp_path, checkpoint):
+    """eps=0 changes no image: detection cannot be scored, which the results and the report
+    say, while the classification and attack results are still written."""
     cfg = eval_cfg(tmp_path, checkpoint, *ATTACK_EVAL, "attack=fgsm", "attack.eps=0.0", "latent=null",
                    "detection.pairs=changed")
-    with pytest.raises(ValueError, match=r"changed attack pairs from at least 4 patients.*attack.eps"):
-        evaluate(cfg)
+    results, _ = evaluate(cfg)
+    assert re.search(r"changed attack pairs from at least 4 patients .*got 0 \(0 pairs\).*attack.eps",
+                     results["detection"]["skipped"])
+    assert "ce" not in results["detection"]
+    written = read_results(tmp_path / "results.json")
+    assert written["attack"]["perturbation"]["linf"] == 0.0
+    assert written["detection"]["skipped"] == results["detection"]["skipped"]
+    assert "Not scored: detection needs changed attack pairs" in (tmp_path / "report.md").read_text()
 
 
 def test_bad_detection_settings_fail_before_any_work(tmp_path, checkpoint):

@@ -112,3 +112,16 @@ def test_latent_mask_follows_the_latent_block(overrides, space, mode, tmp_path):
     explainer = instantiate(cfg.mask, _convert_="all")
     assert (explainer.space, explainer.mode) == (space, mode)
     assert explainer.autoencoder.steps == (3 if "mask.autoencoder.steps=3" in overrides else 500)
+
+
+@pytest.mark.parametrize("config", ["train", "evaluate"])
+def test_disabling_the_trainer_progress_bar_drops_the_progress_bar_callback(config, tmp_path):
+    from lightning.pytorch.callbacks import ProgressBar
+
+    from causal_ie.runs import build_callbacks
+
+    shown = build_callbacks(compose_config(config, [], tmp_path))
+    assert any(isinstance(c, ProgressBar) for c in shown)
+    hidden = build_callbacks(compose_config(config, ["+trainer.enable_progress_bar=false"], tmp_path))
+    assert not any(isinstance(c, ProgressBar) for c in hidden)
+    instantiate(compose_config(config, ["+trainer.enable_progress_bar=false"], tmp_path).trainer, callbacks=hidden)

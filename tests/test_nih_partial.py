@@ -189,7 +189,7 @@ def test_train_and_evaluate_scripts_on_a_partial_download(partial, tmp_path):
     assert ckpt and objects["datamodule"].data_report()["images_used"] == 9
 
     cfg = compose_config(
-        "evaluate", [*data, f"ckpt_path={ckpt}", "cams=[gradcam]", "evaluation.deletion_steps=4", "latent.batch_size=16"], tmp_path / "eval"
+        "evaluate", [*data, f"ckpt_path={ckpt}", "cams=[gradcam]", "evaluation.deletion_steps=4", "intervention.batch_size=16"], tmp_path / "eval"
     )
     assert cfg.data.test_boxes_only is True and cfg.data.test_subset == 96  # conf/evaluate.yaml as shipped
     results, objects = evaluate(cfg)

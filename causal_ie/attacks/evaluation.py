@@ -12,6 +12,7 @@ patient-bootstrap intervals.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -38,6 +39,8 @@ from causal_ie.explain.explainers import Explainer, select_maps
 from causal_ie.models.findings import finding_aurocs
 from causal_ie.precision import autocast, current_search_dtype, full_precision
 from causal_ie.rows import Rows, group_code, patient_codes
+
+log = logging.getLogger(__name__)
 
 # per-image attack outcome columns (see _outcome)
 OUTCOME_COLUMNS = ("eligible", "success", "flipped", "attacked", "linf", "l2", "l0")
@@ -370,11 +373,14 @@ class AttackEvaluation(nn.Module):
         all_groups = [str(int(g)) for g in col[("id", "group")]]
         groups = [g for g, keep in zip(all_groups, selection) if keep]
         if len(set(groups)) < 4:
-            raise ValueError(
+            # an outcome of the run, not bad input: keep everything else it measured and say why
+            reason = (
                 f"detection needs {self.pairs} attack pairs from at least 4 patients (2 per cross-fit half), got "
                 f"{len(set(groups))} ({int(selection.sum())} pairs): attack more test images (detection.test_images) or "
                 "use a stronger attack (attack.eps), or set detection.pairs=changed or all"
             )
+            log.warning("detection skipped: %s", reason)
+            return {"pairs": self.pairs, "images": len(groups), "skipped": reason}, {}, None
         inputs = self.detector_matrices(col)
         scores, n_train = self._scores(inputs, groups, selection)
         detection: dict[str, Any] = {

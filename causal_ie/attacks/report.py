@@ -97,6 +97,8 @@ class AttackReport:
                 "",
             ]
             parts += self._differences(scored)
+        if "skipped" in det:
+            parts += ["### Detection", "", f"Not scored: {det['skipped']}.", ""]
         parts += self._adaptive(det)
         return parts
 
@@ -154,7 +156,8 @@ class AttackReport:
         ]
 
     def write_artefacts(self, out_dir: Path, results: Mapping[str, Any], artefacts: Mapping[str, Any]) -> Figures:
-        save_detection_data(out_dir / DETECTION_FILE, artefacts["detection_data"])
+        if artefacts.get("detection_data") is not None:  # None: too few pairs, detection was skipped
+            save_detection_data(out_dir / DETECTION_FILE, artefacts["detection_data"])
         fig_dir = out_dir / "figures"
         figures: Figures = {}
         if artefacts.get("examples"):
@@ -165,7 +168,8 @@ class AttackReport:
         figures["CE statistics, clean vs adversarial"] = plot_statistic_histograms(
             stats["clean"], stats["adv"], fig_dir / "adversarial_statistics.png"
         )
-        figures["Detection ROC (held-out half)"] = plot_roc_curves(artefacts["roc"], fig_dir / "detection_roc.png")
+        if artefacts.get("roc"):
+            figures["Detection ROC (held-out half)"] = plot_roc_curves(artefacts["roc"], fig_dir / "detection_roc.png")
         return figures
 
 

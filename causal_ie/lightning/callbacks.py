@@ -92,6 +92,9 @@ class CEMapLogger(L.Callback):
         loc, faith = results.get("localisation", {}), results.get("faithfulness", {})
         methods = list(dict.fromkeys([*loc, *faith]))
         if methods:
-            cols = sorted({c for m in methods for c in {**loc.get(m, {}), **faith.get(m, {})}})
-            rows = [[m] + [{**loc.get(m, {}), **faith.get(m, {})}.get(c) for c in cols] for m in methods]
+            # one number per cell: nested entries (a method's differences to the others) stay in results.json
+            scores = {m: {c: v for c, v in {**loc.get(m, {}), **faith.get(m, {})}.items() if not isinstance(v, dict)}
+                      for m in methods}
+            cols = sorted({c for m in methods for c in scores[m]})
+            rows = [[m] + [scores[m].get(c) for c in cols] for m in methods]
             logger.log_table("eval/scores", columns=["method", *cols], data=rows)
