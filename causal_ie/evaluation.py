@@ -17,14 +17,14 @@ from torch.utils.data import DataLoader, Subset
 from causal_ie.attacks.evaluation import AttackEvaluation
 from causal_ie.attacks.report import AttackReport
 from causal_ie.explain.cam import CAMExplainer
-from causal_ie.explain.explainers import Explainer
+from causal_ie.explain.explainers import Explainer, approx_errors
 from causal_ie.explain.report import LocalisationReport
 from causal_ie.interventions.autoencoder import AutoencoderCache
 from causal_ie.lightning.callbacks import CEMapLogger
 from causal_ie.lightning.evaluation import CEEvaluation
 from causal_ie.outputs.report import write_report
 from causal_ie.outputs.results import write_results
-from causal_ie.runs import check_compatible, classifier_identity, instantiate_dict, load_classifier
+from causal_ie.runs import build_callbacks, check_compatible, classifier_identity, instantiate_dict, load_classifier
 
 log = logging.getLogger(__name__)
 
@@ -97,13 +97,9 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     figures = CEMapLogger(out_dir, sections)
     loggers = instantiate_dict(cfg.get("logger"))
     trainer: L.Trainer = instantiate(
-        cfg.trainer, logger=loggers or False, callbacks=[figures, *instantiate_dict(cfg.get("callbacks"))]
+        cfg.trainer, logger=loggers or False, callbacks=[figures, *build_callbacks(cfg)]
     )
     trainer.test(module, datamodule=datamodule)
-    if attack is not None and attack.attack.adaptive and trainer.is_global_zero:
-        study = instantiate(cfg.detection.adaptive, _convert_="all")
-        adaptive = study.run(attack, classifier, datamodule.dataset("test"), module.artefacts["attack"]["rows"])
-        module.results["detection"]["adaptive"] = adaptive
     # every rank holds the synced results (so sweepers get the metric); rank 0 writes them
     results: dict[str, Any] = {
         "run": {
@@ -118,9 +114,18 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         },
         **module.results,
     }
+    for name, error in approx_errors(explainers).items():  # mask.approx: the measured error of the approximate maps
+        results["run"].setdefault(name, {})["approx_error"] = error
     if trainer.is_global_zero:
         write_results(out_dir, results)
         write_report(out_dir, results, sections, figures.figures)
+        if attack is not None and attack.attack.adaptive and "skipped" not in results["detection"]:
+            # after the rest is saved: it takes long
+            study = instantiate(cfg.detection.adaptive, _convert_="all")
+            rows = module.artefacts["attack"]["rows"]
+            results["detection"]["adaptive"] = study.run(attack, classifier, datamodule.dataset("test"), rows)
+            write_results(out_dir, results)
+            write_report(out_dir, results, sections, figures.figures)
         _print_summary(results, out_dir)
     return results, {"module": module, "trainer": trainer, "datamodule": datamodule, "figures": figures.figures}
 

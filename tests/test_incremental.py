@@ -479,3 +479,61 @@ def test_cache_limit_cuts_earlier_and_stays_exact():
     image_idx, boxes, x = grid_items(clean, 8, 6, limit=20)
     assert max_diff(model, tight, x, image_idx, boxes) <= TOL
     assert tight.cache_bytes <= roomy
+
+
+# ---------------------------------------------------------------- issue #15 done-when: Captum equality per model
+
+
+@pytest.mark.parametrize("backbone", ["resnet18", "densenet121", "efficientnet_b0"])
+def test_default_engine_equals_captum_at_uneven_tilings(backbone):
+    """The default engine (incremental, channels_last, inference mode) against Captum Occlusion on the
+    project's Classifier: an uneven tiling (9/6 on 64 px: clipped last windows), within 1e-5.
+    efficientnet_b0 is refused by the incremental engine (squeeze-excitation) and runs plain forwards."""
+    from captum.attr import Occlusion
+
+    from causal_ie.interventions.incremental import incremental_support
+    from causal_ie.models import Classifier
+
+    torch.manual_seed(0)
+    model = randomise_batchnorm(Classifier(backbone=backbone, image_size=64))
+    assert incremental_support(model, (1, 64, 64))[0] is (backbone != "efficientnet_b0")
+    x = images(1, size=64)
+    ours = causal_effect(model, x, window=9, stride=6, outcome="logit", batch_size=32)
+    for k in (0, 9):
+        with torch.no_grad():
+            captum = Occlusion(lambda z, k=k: model(z)[:, k]).attribute(
+                x, sliding_window_shapes=(1, 9, 9), strides=(1, 6, 6), baselines=0.0, perturbations_per_eval=32
+            )
+        assert (ours[:, k:k + 1] - captum).abs().max() <= TOL
+    assert ours.abs().max() > 1e-4  # not trivially zero (efficientnet_b0 at random: ~3e-4)
+
+
+def test_suffix_compiler_and_plain_forward_hooks():
+    """The network after the cut handed over as one fx module (here run as it is) gives the same logits;
+    a refused model runs ``plain_forward``."""
+    import torch.fx as fx
+
+    model = timm_model("resnet18")
+    clean = images(2, size=48)
+    handed = []
+
+    def suffix_compiler(module, batched):
+        assert isinstance(module, fx.GraphModule) and any(batched)
+        handed.append(batched)
+        return module
+
+    fwd = IncrementalForward(model, clean, verify=0, suffix_compiler=suffix_compiler)
+    image_idx, boxes, x = grid_items(clean, 7, 5, limit=24)
+    assert max_diff(model, fwd, x, image_idx, boxes) <= TOL
+    assert len(handed) >= 1
+    plan = fwd._plan((7, 7))
+    assert plan.suffix is not None and plan.suffix_inputs
+
+    seen = []
+    efficient = timm_model("efficientnet_b0")
+    clean = images(2, size=32)
+    fwd = IncrementalForward(efficient, clean, verify=0, plain_forward=lambda z: seen.append(z.shape[0]) or efficient(z))
+    image_idx, boxes, x = grid_items(clean, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(fwd(x, image_idx, boxes), efficient(x))
+    assert seen == [x.shape[0]]

@@ -311,3 +311,132 @@ def test_differentiable_effects_have_the_gradients_of_the_interventions():
 
     assert torch.autograd.gradcheck(ce, (x,), eps=1e-6, atol=1e-5)
     assert not causal_effect(model, x, window=4, stride=4).requires_grad  # the default keeps no graph
+
+
+# ---------------------------------------------------------------- engine settings (issue #15 part 2)
+
+
+def test_engine_defaults_equal_the_nchw_no_grad_engine_and_leave_the_model_as_it_was():
+    """channels_last weights and inference mode (the defaults) change nothing but speed: maps within
+    1e-5 of NCHW forwards under no_grad, and every weight is the same tensor, bit for bit, in its
+    own layout afterwards."""
+    from causal_ie.interventions import EngineSettings
+    from causal_ie.models import Classifier
+
+    torch.manual_seed(0)
+    model = Classifier(backbone="test_resnet", image_size=32).eval()
+    weights = {name: (p, p.detach().clone()) for name, p in model.named_parameters()}
+    x = torch.rand(2, 1, 32, 32, generator=torch.Generator().manual_seed(0))
+    old = EngineSettings(channels_last=False, inference_mode=False)
+    for incremental in (True, False):
+        ours = causal_effect(model, x, window=5, stride=3, incremental=incremental)
+        reference = causal_effect(model, x, window=5, stride=3, incremental=incremental, engine=old)
+        torch.testing.assert_close(ours, reference, atol=1e-5, rtol=0)
+        assert not ours.is_inference()
+        ours.add_(1.0)  # an ordinary tensor: in-place changes are fine outside inference mode
+    for name, p in model.named_parameters():
+        assert p is weights[name][0] and torch.equal(p, weights[name][1])
+        assert p.is_contiguous()
+
+
+def test_channels_last_weights_are_restored_after_an_error():
+    from causal_ie.interventions.fast import channels_last_weights
+
+    model = tiny_conv(3)
+    before = model[0].weight.data_ptr()
+    with pytest.raises(RuntimeError, match="boom"):
+        with channels_last_weights(model):
+            assert model[0].weight.is_contiguous(memory_format=torch.channels_last)
+            assert model[0].weight.data_ptr() != before
+            raise RuntimeError("boom")
+    assert model[0].weight.data_ptr() == before and model[0].weight.is_contiguous()
+
+
+def test_engine_settings_are_checked_and_carried_whole():
+    from causal_ie.interventions import EngineSettings, InterventionSpec
+
+    spec = InterventionSpec(engine={"compile": True})
+    assert spec.engine == EngineSettings(compile=True)
+    assert InterventionSpec().engine == EngineSettings() and InterventionSpec(engine=None).engine.channels_last
+    assert InterventionSpec.resolve(spec, batch_size=8).engine is spec.engine
+    with pytest.raises(ValueError, match="compile_mode"):
+        EngineSettings(compile_mode="fastest")
+    with pytest.raises(ValueError, match="engine.compile"):
+        EngineSettings(compile="yes")
+    with pytest.raises(TypeError, match="unknown engine setting"):
+        InterventionSpec(engine={"turbo": True})
+
+
+def test_compile_failure_falls_back_to_eager_with_a_warning(monkeypatch, caplog):
+    """A compiler that fails: one warning, then the eager forward; the maps are unchanged."""
+    import logging
+
+    from causal_ie.interventions import EngineSettings, fast
+
+    def broken(module, **kwargs):
+        def run(*args):
+            raise RuntimeError("no compiler here")
+
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken)
+    model = tiny_conv(1)
+    x = torch.rand(2, 1, 12, 12, generator=torch.Generator().manual_seed(2))
+    expected = causal_effect(model, x, window=3, stride=2)
+    with caplog.at_level(logging.WARNING, logger="causal_ie.interventions.fast"):
+        maps = causal_effect(model, x, window=3, stride=2, engine=EngineSettings(compile=True), batch_size=16)
+    torch.testing.assert_close(maps, expected, atol=1e-6, rtol=0)
+    assert any("no compiler here" in r.getMessage() for r in caplog.records)
+    fast._CACHE.clear()
+
+
+def test_padded_compiled_calls_cut_batches_back():
+    """Batches are padded to the compiled batch size (one shape) and cut back; larger ones run in chunks."""
+    from causal_ie.interventions import EngineSettings, fast
+
+    calls = []
+    model = tiny_conv(1)
+
+    def fake_compile(module, **kwargs):
+        def run(x):
+            calls.append(x.shape[0])
+            return module(x)
+
+        return run
+
+    original = torch.compile
+    torch.compile = fake_compile
+    try:
+        run = fast.compiled(model, EngineSettings(compile=True), batch=8, key="test-padding")
+        x = torch.rand(19, 1, 8, 8)
+        with torch.no_grad():
+            out = run(x)
+            torch.testing.assert_close(out, model(x), atol=1e-6, rtol=0)
+    finally:
+        torch.compile = original
+        fast._CACHE.clear()
+    assert calls == [8, 8, 8]
+
+
+@pytest.mark.slow
+def test_compiled_engine_equals_eager():
+    """engine.compile=true with inductor (and freezing): the model (incremental off) and the network
+    after the incremental cut compiled; maps within 1e-5 of eager, compiled once per shape."""
+    from causal_ie.interventions import EngineSettings, fast
+    from causal_ie.models import Classifier
+
+    torch.manual_seed(0)
+    model = Classifier(backbone="test_resnet", image_size=32).eval()
+    x = torch.rand(2, 1, 32, 32, generator=torch.Generator().manual_seed(0))
+    reference = causal_effect(model, x, window=5, stride=3, incremental=False,
+                              engine=EngineSettings(channels_last=False, inference_mode=False))
+    engine = EngineSettings(compile=True)
+    records = len(fast.RECORDS)
+    for incremental in (True, False):
+        for _ in range(2):
+            maps = causal_effect(model, x, window=5, stride=3, incremental=incremental, engine=engine, batch_size=32)
+            torch.testing.assert_close(maps, reference, atol=1e-5, rtol=0)
+    new = fast.RECORDS[records:]
+    assert {r.what for r in new} == {"Classifier", "Classifier after the incremental cut"}
+    assert all(not r.failed and r.compilations == 1 for r in new)
+    fast._CACHE.clear()

@@ -27,7 +27,8 @@ from causal_ie.interventions import (
     superpixel_effect,
 )
 from causal_ie.precision import full_precision
-from causal_ie.runtime import model_device, model_dtype, to_model
+from causal_ie.interventions.approx import ApproxCheck, ApproxSettings, approximate_causal_effect
+from causal_ie.runtime import eval_mode, model_device, model_dtype, to_model
 
 
 def select_maps(maps: Tensor, img_idx: Tensor, finding_idx: Tensor) -> Tensor:
@@ -89,17 +90,52 @@ class PatchCE(CEExplainer):
     """Sliding-window CE (``conf/mask/patch.yaml``; ``size=1, stride=1`` is pixel-wise CE).
 
     ``intervention``: baseline, outcome, batch size, ... (built once from ``conf/intervention``).
+    ``approx``: null (exact) or the approximate tier, ``bf16``, ``projective``, ``drilldown`` or a
+    ``+``-joined mix (:mod:`causal_ie.interventions.approx`); ``approx_check`` images also get
+    the exact map and :attr:`approx_error` reports the difference; ``approx_settings``: ``tau``,
+    ``coarse``, ``refine``.
     """
 
-    def __init__(self, size: int = 8, stride: int = 4, intervention: InterventionSpec | None = None):
+    def __init__(
+        self,
+        size: int = 8,
+        stride: int = 4,
+        intervention: InterventionSpec | None = None,
+        approx: str | None = None,
+        approx_check: int = 8,
+        approx_settings: dict[str, Any] | None = None,
+    ):
         self.size, self.stride = size, stride
         self.intervention = intervention or InterventionSpec()
         self.kind = "pixel" if size in (1, (1, 1), [1, 1]) else "patch"
+        self.approx = ApproxSettings.of(approx, check=approx_check, **(approx_settings or {}))
+        self._check = ApproxCheck(self.approx) if self.approx is not None else None
 
     def _maps(self, model: nn.Module, images: Tensor) -> Tensor:
-        return causal_effect(
-            model, images, window=_int_or_pair(self.size), stride=_int_or_pair(self.stride), spec=self.intervention
-        )
+        window, stride = _int_or_pair(self.size), _int_or_pair(self.stride)
+
+        def exact(x: Tensor) -> Tensor:
+            return causal_effect(model, x, window=window, stride=stride, spec=self.intervention)
+
+        if self.approx is None or self._check is None:
+            return exact(images)
+
+        def approximate(x: Tensor) -> Tensor:
+            return approximate_causal_effect(
+                model, x, window=window, stride=stride, approx=self.approx, spec=self.intervention
+            )
+
+        def predicted(x: Tensor) -> Tensor:
+            with torch.no_grad(), eval_mode(model):
+                return model(x).sigmoid() >= 0.5
+
+        pair = (window, window) if isinstance(window, int) else window
+        return self._check.run(images, approximate, exact, pair, predicted)
+
+    @property
+    def approx_error(self) -> dict[str, Any] | None:
+        """The measured error of the approximate tier on the checked images (None when exact)."""
+        return None if self._check is None else self._check.summary()
 
 
 class SuperpixelCE(CEExplainer):
@@ -181,6 +217,16 @@ class LatentCE(CEExplainer):
         return latent_effect(
             model, images, layer=self.layer, mode=self.mode, space=space, as_maps=True, spec=self.intervention
         )
+
+
+def approx_errors(explainers: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """``{method: approx_error}`` of the explainers that ran approximately and measured it."""
+    errors = {}
+    for name, explainer in explainers.items():
+        error = getattr(explainer, "approx_error", None)
+        if error is not None:
+            errors[name] = error
+    return errors
 
 
 def _int_or_pair(value: Any) -> int | tuple[int, int]:

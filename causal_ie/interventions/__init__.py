@@ -9,7 +9,8 @@
 
 ``engine`` runs any family of regions in batches; ``windows``, ``superpixel`` and
 ``latent`` define the regions; ``baselines`` what a region is replaced by;
-``spec`` (:class:`InterventionSpec`) the options every entry point shares.
+``spec`` (:class:`InterventionSpec`) the options every entry point shares, with
+:class:`EngineSettings` (how forwards run: ``fast``); ``approx`` the opt-in approximate tier.
 """
 
 from causal_ie.interventions.autoencoder import (
@@ -38,12 +39,13 @@ from causal_ie.interventions.latent import (
     latent_split,
     resolve_layer,
 )
-from causal_ie.interventions.spec import OUTCOMES, InterventionSpec
+from causal_ie.interventions.spec import OUTCOMES, EngineSettings, InterventionSpec
 from causal_ie.interventions.superpixel import SegmentRegions, slic_segments, superpixel_effect
 from causal_ie.interventions.windows import WindowGrid, window_offsets
 
 __all__ = [
     "BASELINES",
+    "EngineSettings",
     "OUTCOMES",
     "ActivationAutoencoder",
     "AutoencoderSettings",

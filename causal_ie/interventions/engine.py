@@ -32,7 +32,8 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from causal_ie.interventions.baselines import Baseline
-from causal_ie.interventions.incremental import incremental_forward
+from causal_ie.interventions.fast import compiled, engine_session, release
+from causal_ie.interventions.incremental import IncrementalForward
 from causal_ie.interventions.spec import InterventionSpec
 from causal_ie.interventions.windows import WindowGrid
 from causal_ie.runtime import eval_mode, to_model
@@ -115,6 +116,32 @@ def check_images(x: Tensor, name: str = "x") -> None:
 def image_forward(model: nn.Module) -> BatchForward:
     """The model as a :data:`BatchForward` on whole images."""
     return lambda images, image_idx: model(images)
+
+
+def batch_forward(
+    model: nn.Module, inputs: Tensor, spec: InterventionSpec, *, incremental: type = IncrementalForward, **options: Any
+) -> BatchForward:
+    """The forward of a pixel-space CE call on the clean images ``inputs``, as ``spec`` says:
+    incremental (``spec.incremental``, not with ``differentiable``; ``incremental`` is the class,
+    ``options`` go to it) or full forwards; with ``spec.engine.compile`` the full forwards that
+    remain (a model the incremental engine refuses, the network after its cut) run compiled.
+    Call inside :func:`~causal_ie.interventions.fast.engine_session`."""
+    settings = spec.engine
+    plain: Callable[[Tensor], Tensor] = model
+    if settings.compile and not spec.differentiable:
+        batch = spec.forward_batch
+        plain = compiled(model, settings, batch=batch, what=type(model).__name__)
+
+        def suffix_compiler(module: nn.Module, batched: tuple[bool, ...]) -> Callable[..., Tensor]:
+            key = ("after the incremental cut", tuple(n.name for n in module.graph.nodes))
+            what = f"{type(model).__name__} after the incremental cut"
+            return compiled(module, settings, batch=batch, batched=batched, key=key, owner=model, what=what)
+
+        options.setdefault("suffix_compiler", suffix_compiler)
+    if spec.incremental and not spec.differentiable:
+        fwd = incremental(model, inputs, plain_forward=plain, **options)
+        return lambda batch, image_idx: fwd(batch, image_idx)
+    return lambda images, image_idx: plain(images)
 
 
 # ---------------------------------------------------------------- the engine
@@ -222,22 +249,25 @@ class MaskRegions:
 
 
 def pixel_space_effects(
-    model: nn.Module, x: Tensor, regions_for: Callable[[Tensor], Regions], spec: InterventionSpec
+    model: nn.Module,
+    x: Tensor,
+    regions_for: Callable[[Tensor], Regions],
+    spec: InterventionSpec,
+    forward_for: Callable[[nn.Module, Tensor, InterventionSpec], BatchForward] = batch_forward,
 ) -> tuple[Tensor, Regions]:
-    """What every pixel-space region kind shares: checks, the model's device, eval mode and
-    no_grad (unless ``spec.differentiable``), the baseline, incremental inference (unless
-    ``spec.incremental`` is off), the engine. Returns effects [N, K, R_max] on the model's device and
-    the regions ``regions_for(images on that device)`` built."""
+    """What every pixel-space region kind shares: checks, the model's device, eval mode, the
+    engine session (``spec.engine``: channels_last weights, inference mode; autograd only with
+    ``spec.differentiable``), the baseline, the forward (:func:`batch_forward`: incremental unless
+    ``spec.incremental`` is off, compiled with ``spec.engine.compile``; ``forward_for`` replaces it),
+    the engine. Returns effects [N, K, R_max] on the model's device and the regions
+    ``regions_for(images on that device)`` built."""
     check_images(x.detach())
     inputs = to_model(model, x)
     regions = regions_for(inputs.detach())
-    with eval_mode(model), torch.set_grad_enabled(spec.differentiable):
-        if spec.incremental and not spec.differentiable:
-            forward = incremental_forward(model, inputs)
-        else:
-            forward = image_forward(model)
+    with eval_mode(model), engine_session(model, spec.engine, spec.differentiable):
+        forward = forward_for(model, inputs, spec)
         effects = region_effects(forward, inputs, regions, spec.baseline_for(inputs), spec)
-    return effects, regions
+    return release(effects), regions
 
 
 def causal_effect(

@@ -461,6 +461,10 @@ class _Plan:
     plain: bool  # no gain: run plain forwards
     last_use: dict[str, int] = field(default_factory=dict)
     checked: bool = False
+    # the network after the cut as one callable (``suffix_compiler``), its inputs and the nodes it runs
+    suffix: Callable[..., Tensor] | None = None
+    suffix_inputs: list[str] = field(default_factory=list)
+    suffix_tried: bool = False
 
     @property
     def gain(self) -> float:
@@ -557,6 +561,12 @@ class IncrementalForward:
         cache_limit: bytes the cached clean maps of all images may take; with ``cut_fraction="auto"``
             the cut moves earlier to stay below (None: no limit). At 224 px resnet18 caches ~10 MB
             and densenet121 ~37 MB per image (:meth:`describe`).
+        plain_forward: what runs full forwards of perturbed images (models it cannot follow,
+            plans that gain nothing); default the model itself (e.g. a compiled model instead).
+        suffix_compiler: called once per plan with the network after the cut as an
+            ``fx.GraphModule`` (its inputs: the maps at the cut, whole) and which of its inputs
+            have a batch dimension; returns the callable that runs it (e.g. compiled), or None to
+            run it node by node as without it.
 
     Attributes:
         supported: False when the model runs plain forwards (``reason`` says why).
@@ -573,12 +583,16 @@ class IncrementalForward:
         skip_unchanged: bool = True,
         verify: int = 2,
         cache_limit: int | None = CACHE_LIMIT,
+        plain_forward: Callable[[Tensor], Tensor] | None = None,
+        suffix_compiler: Callable[[fx.GraphModule, tuple[bool, ...]], Callable[..., Tensor] | None] | None = None,
     ):
         if not isinstance(clean_inputs, Tensor) or clean_inputs.dim() != 4:
             raise ValueError(f"clean_inputs must be images [N, C, H, W], got {getattr(clean_inputs, 'shape', None)}")
         if not (cut_fraction == CUT_AUTO or (isinstance(cut_fraction, float | int) and 0 <= cut_fraction <= 1)):
             raise ValueError(f"cut_fraction must be 'auto' or a share in [0, 1], got {cut_fraction!r}")
         self.model = model
+        self.plain_forward = plain_forward if plain_forward is not None else model
+        self.suffix_compiler = suffix_compiler
         self.cut_fraction = cut_fraction
         self.skip_unchanged = skip_unchanged
         self.verify = int(verify)
@@ -587,6 +601,7 @@ class IncrementalForward:
         self.image_size = tuple(clean_inputs.shape[-2:])
         self.memory_format = memory_format if memory_format is not None else self._model_format(model)
         self.analysis = _analyse(model)
+        self._by_name = {n.name: n for n in self.analysis.nodes}
         self.reason = self.analysis.error
         self._modules = dict(model.named_modules())
         self._consts: dict[str, Any] = {}
@@ -1072,12 +1087,15 @@ class IncrementalForward:
 
     def _forward(self, perturbed: Tensor, index: Tensor, boxes: Tensor) -> Tensor:
         if not self.supported:
-            return self.model(perturbed)
+            return self.plain_forward(perturbed)
         box = (int((boxes[:, 1] - boxes[:, 0]).max()), int((boxes[:, 3] - boxes[:, 2]).max()))
         plan = self._plan(box)
         if plan.plain:
-            return self.model(perturbed)
+            return self.plain_forward(perturbed)
         self._ensure_caches(plan)
+        if self.suffix_compiler is not None and not plan.suffix_tried:
+            plan.suffix_tried = True
+            self._compile_suffix(plan)
         logits = self._run(plan, perturbed, index, boxes)
         if not plan.checked and self.verify > 0:
             plan.checked = True
@@ -1091,7 +1109,7 @@ class IncrementalForward:
                     "incremental inference of %s differs from the plain forward by %.3g for %dx%d boxes; "
                     "plain forwards instead (please report)", type(self.model).__name__, diff, *box,
                 )
-                return self.model(perturbed)
+                return self.plain_forward(perturbed)
         return logits
 
     def _run(self, plan: _Plan, perturbed: Tensor, index: Tensor, boxes: Tensor) -> Tensor:
@@ -1124,8 +1142,13 @@ class IncrementalForward:
             if mode == "const":
                 continue
             if node.op == "output":
-                result = self._execute(node, full_value)
+                if plan.suffix is not None:
+                    result = plan.suffix(*(full_value(self._node(n)) for n in plan.suffix_inputs))
+                else:
+                    result = self._execute(node, full_value)
                 break
+            if plan.suffix is not None and mode == "full":
+                continue  # the suffix runs it
             if mode == "meta":
                 env[name] = self._execute(node, lambda n: self._meta_value(plan, n, env, batch))
             elif mode == "full":
@@ -1158,10 +1181,54 @@ class IncrementalForward:
                 if data.shape[-2:] != g.size:
                     raise RuntimeError(f"{op.what}: patch {tuple(data.shape)} where {g.size} was planned")
             for a in node.all_input_nodes:
-                if plan.last_use.get(a.name) == i:
+                if plan.last_use.get(a.name) == i and a.name not in plan.suffix_inputs:
                     env.pop(a.name, None)
                     full_values.pop(a.name, None)
         return result
+
+    def _node(self, name: str) -> fx.Node:
+        return self._by_name[name]
+
+    def _compile_suffix(self, plan: _Plan) -> None:
+        """Hand the network after the cut to ``suffix_compiler`` as one ``fx.GraphModule``: the full
+        nodes and the shape nodes they read; its inputs are the maps at the cut (materialised) and
+        constants. Shape nodes that read a map not materialised keep the node-by-node path."""
+        nodes = self.analysis.nodes
+        full = {n.name for n in nodes if plan.modes[n.name] == "full" and n.op != "output"}
+        output = nodes[-1] if nodes[-1].op == "output" else next(n for n in nodes if n.op == "output")
+        needed_meta: set[str] = set()
+        stack = [a for n in nodes if n.name in full or n is output for a in n.all_input_nodes]
+        while stack:
+            a = stack.pop()
+            if plan.modes[a.name] == "meta" and a.name not in needed_meta:
+                needed_meta.add(a.name)
+                stack.extend(a.all_input_nodes)
+        inside = full | needed_meta
+        inputs: list[str] = []
+        for n in nodes:
+            if n.name in inside or n is output:
+                for a in n.all_input_nodes:
+                    if a.name not in inside and a.name not in inputs:
+                        if plan.modes[a.name] == "inc" and a.name not in plan.materialize:
+                            return  # a shape read off a patched map: keep node by node
+                        inputs.append(a.name)
+        graph = fx.Graph()
+        env: dict[fx.Node, fx.Node] = {}
+        for name in inputs:
+            env[self._node(name)] = graph.placeholder(f"cut_{name}")
+        for n in nodes:
+            if n.name in inside or n is output:
+                env[n] = graph.node_copy(n, lambda a: env[a])
+        try:
+            module = fx.GraphModule(self.model, graph, class_name="AfterCut")
+            batched = tuple(plan.modes[name] == "inc" for name in inputs)
+            runner = self.suffix_compiler(module, batched)
+        except Exception as err:  # noqa: BLE001 - keep the node-by-node path
+            log.warning("could not build the network after the cut of %s as one module (%s: %s)",
+                        type(self.model).__name__, type(err).__name__, err)
+            return
+        if runner is not None:
+            plan.suffix, plan.suffix_inputs = runner, inputs
 
     def _other(self, n: fx.Node, env: dict[str, Any]) -> Any:
         """A constant or shape-derived argument of an incremental op."""

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from causal_ie.interventions.baselines import Baseline
 from causal_ie.interventions.engine import check_images, region_effects
+from causal_ie.interventions.fast import compiled, engine_session, release
 from causal_ie.interventions.spec import InterventionSpec
 from causal_ie.interventions.windows import WindowGrid
 from causal_ie.layers import backbone_of, find_layer, layer_suggestions
@@ -290,7 +291,7 @@ def _latent_effects(
         raise ValueError(f"mode must be one of {LATENT_MODES}, got {mode!r}")
     _check_latent_baseline(spec.baseline)
     inputs = to_model(model, x)
-    with eval_mode(model), torch.set_grad_enabled(spec.differentiable):
+    with eval_mode(model), engine_session(model, spec.engine, spec.differentiable):
         space = space if space is not None else latent_split(model, layer)
         latent, context = space.encode(inputs)
         if latent.dim() != 4:
@@ -305,8 +306,15 @@ def _latent_effects(
         def forward(batch: Tensor, image_idx: Tensor) -> Tensor:
             return space.decode(batch, context, image_idx)
 
+        if spec.engine.compile and not spec.differentiable and isinstance(space, LatentSplit):
+            suffix = compiled(space.suffix, spec.engine, batch=spec.forward_batch, owner=model,
+                              key=("latent suffix", space.layer), what=f"{type(model).__name__} after {space.layer}")
+
+            def forward(batch: Tensor, image_idx: Tensor) -> Tensor:  # noqa: F811 - the compiled suffix
+                return suffix(batch, *(value.index_select(0, image_idx) for value in context))
+
         effects = region_effects(forward, latent, regions, spec.baseline_for(latent), spec)
-        return regions.assemble(effects), latent
+    return release(regions.assemble(effects)), release(latent)
 
 
 def latent_effect(

@@ -78,10 +78,14 @@ APPROX_ERROR: Tree = {
     "mean_rel_error": Key(float, "mean over maps of the same ratio"),
     "pointing_agreement": Key(float, "share of maps whose maximum lies on a maximal pixel of the exact map"),
     "window_agreement": Key(float, "share of maps whose maximum lies within one window of the exact map's"),
+    "predicted_maps": Key(int, "maps of findings the model predicts (probability >= 0.5)"),
+    "predicted_pointing_agreement": Key(float, "pointing_agreement over those maps only (absent findings' maps are mostly noise)"),
+    "predicted_window_agreement": Key(float, "window_agreement over those maps only"),
     "speedup": Key(float, "exact seconds per image / approximate seconds per image on the checked images"),
     "tau": Key(float, "projective: the projective-field threshold (share of a map's side)"),
     "coarse": Key(int, "drilldown: stage 1 computed every coarse-th window per axis"),
     "refine": Key(float, "drilldown: share of all windows recomputed exactly in stage 2"),
+    "rounds": Key(int, "drilldown: most rounds of stage 3 (estimated windows under each map's maximum computed)"),
 }
 
 EVALUATION_RUN: Tree = {
@@ -156,6 +160,7 @@ DETECTION: Tree = {
     "pairs": Key(str, "which (clean, adversarial) pairs enter: successful (the attack reached its goal), changed or all"),
     "images": Key(int, "image pairs the detectors were fitted and scored on"),
     "repeats": Key(int, "cross-fits averaged per detector"),
+    "skipped": Key(str, "why the detectors were not scored (too few pairs); the other detection keys are then absent"),
     "<detector>": DETECTOR_SCORES,
     "changed_pairs": {
         "<detector>": {
