@@ -144,6 +144,10 @@ def _print_summary(results: dict[str, Any], out_dir: Path) -> None:
                     f"{scores['auroc_ci_high']:.3f}], TPR@5%FPR {scores['tpr@5fpr']:.3f}"
                 )
         for name, scores in d.get("adaptive", {}).items():
-            if isinstance(scores, dict):
+            if isinstance(scores, dict) and "auroc" in scores:
                 print(f"adaptive attack, {name:>9}: AUROC {scores['auroc']:.3f}")
+        if "evasion" in d.get("adaptive", {}):
+            e = d["adaptive"]["evasion"]
+            print(f"reached the goal below the CE detector's threshold: adaptive {e['adaptive']:.3f}, "
+                  f"non-adaptive {e['non_adaptive']:.3f} (n={e['n']})")
     print(f"results: {out_dir / 'results.json'}\nreport:  {out_dir / 'report.md'}")

@@ -175,5 +175,24 @@ def test_adaptive_attacker_who_knows_the_ce_detector(tmp_path, checkpoint):
         for name in ("ce", "max_prob", "noise_flip", "feature_squeezing", "combined"):
             assert adaptive[name]["n_test"] == succeeded, name
             assert adaptive[name]["auroc_ci_low"] <= adaptive[name]["auroc"] <= adaptive[name]["auroc_ci_high"]
+    evasion = adaptive["evasion"]
+    assert evasion["n"] == adaptive["images"] and adaptive["selective"] is True and adaptive["steps"] == 2
+    assert evasion["adaptive"] <= adaptive["success_rate"] + 1e-12  # evading needs reaching the goal first
+    assert evasion["difference"] == pytest.approx(evasion["adaptive"] - evasion["non_adaptive"], abs=1e-12)
     report = (tmp_path / "report.md").read_text()
-    assert "Against an adaptive attacker" in report
+    assert "Against an adaptive attacker" in report and "reached the goal unseen" in report
+
+
+def test_evasion_rates_and_their_paired_difference_by_hand():
+    from types import SimpleNamespace
+
+    from causal_ie.attacks.adaptive_study import AdaptiveStudy
+
+    evaded = {"adaptive": [np.array([1, 0, 1]), np.array([1, 1, 0, 1, 1])],
+              "non_adaptive": [np.array([0, 0, 1]), np.array([0, 1, 0, 0, 0])]}
+    groups = ["a", "b", "c", "d", "e", "f", "g", "h"]
+    out = AdaptiveStudy._evasion(evaded, groups, SimpleNamespace(n_boot=500, seed=0))
+    assert out["n"] == 8
+    assert out["adaptive"] == pytest.approx(6 / 8) and out["non_adaptive"] == pytest.approx(2 / 8)
+    assert out["difference"] == pytest.approx(4 / 8)
+    assert out["difference_ci_low"] <= 0.5 <= out["difference_ci_high"] and out["difference_ci_low"] > 0

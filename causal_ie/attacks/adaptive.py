@@ -42,6 +42,7 @@ with a lambda schedule at most ``len(weight)`` runs (fewer with ``threshold``).
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -53,6 +54,8 @@ from torch.nn import functional as F
 
 from causal_ie.attacks.factory import STEP_SIZE_FACTOR, Adversarial
 from causal_ie.runtime import eval_mode, model_device, to_model
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "AdaptiveAdversarial",
@@ -618,6 +621,9 @@ class AdaptivePGD:
                 runs[idx] += 1
             if self.threshold is not None:
                 active &= ~(success & (logit < self.threshold))
+            # progress: each lambda round is a full PGD run through the differentiable detector
+            log.info("adaptive PGD, lambda=%g: %d image(s) attacked, %d of %d at the goal, %d still above the "
+                     "detector threshold", lam, idx_all.numel(), int(success.sum()), n, int(active.sum()))
             if not active.any():
                 break
         return AdaptiveAdversarial(

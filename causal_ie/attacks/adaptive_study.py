@@ -30,6 +30,7 @@ from causal_ie.attacks.adaptive import AdaptivePGD, logistic_logit
 from causal_ie.attacks.detection import fit_detector, score_detector, split_halves
 from causal_ie.attacks.evaluation import AttackEvaluation, Column
 from causal_ie.attacks.factory import PER_IMAGE_TARGETS
+from causal_ie.intervals import bootstrap_difference_ci, mean_ci, weighted_mean
 from causal_ie.rows import group_code
 from causal_ie.runtime import to_model
 
@@ -46,6 +47,10 @@ class AdaptiveStudy:
         weights: the attacker's lambda schedule (smallest first); an image stops at the first
             lambda that gets it past the detector at its 5 %-FPR threshold (fitted half).
         steps: PGD steps per lambda (null: the main attack's).
+        selective: Bryniarski et al.'s selective steps: an image whose finding has already
+            flipped steps on the detector's logit alone (stronger than the fixed trade-off,
+            which spends the budget pushing the detector far below its threshold).
+        margin: logit margin past the decision boundary before a selective step.
         batch_size: images attacked at once (bounds memory).
         seed: patient choice, halves and random starts.
     """
@@ -55,12 +60,15 @@ class AdaptiveStudy:
         images: int = 100,
         weights: Sequence[float] = (0.1, 1.0, 10.0),
         steps: int | None = None,
+        selective: bool = True,
+        margin: float = 0.0,
         batch_size: int = 4,
         seed: int = 0,
     ):
         if int(images) < 4:
             raise ValueError(f"detection.adaptive.images must be >= 4, got {images}")
         self.images, self.weights, self.steps = int(images), tuple(float(w) for w in weights), steps
+        self.selective, self.margin = bool(selective), float(margin)
         self.batch_size, self.seed = int(batch_size), int(seed)
 
     def run(
@@ -84,8 +92,13 @@ class AdaptiveStudy:
         clean_scores: dict[str, list[np.ndarray]] = {}
         pair_groups: list[str] = []
         attempted = succeeded = 0
-        for half in (halves, ~halves):
+        # per attacked image: did each attack reach its goal unseen by the CE detector (below its
+        # 5 %-FPR threshold)? The rate a defender pays; paired on the same images.
+        evaded: dict[str, list[np.ndarray]] = {"adaptive": [], "non_adaptive": []}
+        evaded_groups: list[str] = []
+        for part, half in enumerate((halves, ~halves), start=1):
             test = chosen[half]
+            log.info("adaptive study, half %d of 2: %d image(s) of unseen patients", part, len(test))
             train = selection.copy()
             train[np.isin(groups, np.unique(groups[test]))] = False
             fitted = self._fit(study, col, train)
@@ -98,6 +111,11 @@ class AdaptiveStudy:
             attempted += len(test)
             ok = adversarial.success.cpu().numpy()
             succeeded += int(ok.sum())
+            ce_adv = study.detector_matrices(col)["ce"][1][test]
+            reached = (col[("outcome", "eligible")][test] > 0) & (col[("outcome", "success")][test] > 0)
+            evaded["non_adaptive"].append(reached & (fitted["ce"].decision_function(ce_adv) < threshold))
+            evaded["adaptive"].append(ok & (adversarial.detector_logit.cpu().numpy() < threshold))
+            evaded_groups += list(groups[test])
             if not ok.any():
                 continue
             with torch.no_grad():
@@ -118,6 +136,9 @@ class AdaptiveStudy:
             "images": attempted,
             "success_rate": succeeded / attempted if attempted else float("nan"),
             "weights": list(self.weights),
+            "steps": int(self.steps or study.attack.params.get("steps", 10)),
+            "selective": self.selective,
+            "evasion": self._evasion(evaded, evaded_groups, study),
         }
         if len(set(pair_groups)) < 2:
             log.warning("the adaptive attack succeeded on images of fewer than 2 patients: no detection scores")
@@ -126,6 +147,23 @@ class AdaptiveStudy:
             out[name] = score_detector(
                 np.concatenate(clean_scores[name]), np.concatenate(scores[name]), pair_groups, study.n_boot, study.seed
             )
+        return out
+
+    @staticmethod
+    def _evasion(evaded: Mapping[str, list[np.ndarray]], groups: list[str], study: AttackEvaluation) -> dict[str, Any]:
+        """Share of the attacked images where each attack reached its goal below the CE detector's
+        threshold, and adaptive minus non-adaptive, with 95 % paired patient-bootstrap intervals."""
+        adaptive = np.concatenate(evaded["adaptive"]).astype(float)
+        non_adaptive = np.concatenate(evaded["non_adaptive"]).astype(float)
+        out: dict[str, Any] = {"n": int(len(adaptive))}
+        for name, values in (("adaptive", adaptive), ("non_adaptive", non_adaptive)):
+            rate, low, high = mean_ci(values, groups, n_boot=study.n_boot, seed=study.seed)
+            out.update({name: rate, f"{name}_ci_low": low, f"{name}_ci_high": high})
+        diff, low, high = bootstrap_difference_ci(
+            lambda a, b, weights: weighted_mean(a, weights), lambda a, b, weights: weighted_mean(b, weights),
+            groups, adaptive, non_adaptive, n_boot=study.n_boot, seed=study.seed,
+        )
+        out.update({"difference": diff, "difference_ci_low": low, "difference_ci_high": high})
         return out
 
     def _choose(self, groups: np.ndarray, selection: np.ndarray) -> np.ndarray:
@@ -171,6 +209,8 @@ class AdaptiveStudy:
             detector_logit,
             eps=float(attack.eps),
             steps=int(self.steps or attack.params.get("steps", 10)),
+            selective=self.selective,
+            margin=self.margin,
             alpha=attack.params.get("alpha"),
             norm=attack.norm,
             seed=self.seed,

@@ -127,7 +127,7 @@ class AttackReport:
             return []
         rows = []
         for name, v in adaptive.items():
-            if not isinstance(v, Mapping):
+            if not isinstance(v, Mapping) or name == "evasion":
                 continue
             before = det.get(name, {})
             drop = (
@@ -152,6 +152,25 @@ class AttackReport:
             "entirely below the non-adaptive one.",
             "",
             markdown_table(["detector", "AUROC non-adaptive", "AUROC adaptive", "pairs", "verdict"], rows),
+            "",
+            *AttackReport._evasion(adaptive.get("evasion")),
+        ]
+
+    @staticmethod
+    def _evasion(evasion: Mapping[str, Any] | None) -> list[str]:
+        if not evasion:
+            return []
+        rates = [
+            [label, fmt_interval(evasion.get(key), evasion.get(f"{key}_ci_low"), evasion.get(f"{key}_ci_high"))]
+            for key, label in (("non_adaptive", "non-adaptive attack"), ("adaptive", "adaptive attack"),
+                               ("difference", "adaptive minus non-adaptive"))
+        ]
+        return [
+            f"What a defender pays: the share of the {evasion.get('n', '?')} attacked images that reached the "
+            "attack's goal and stayed below the CE detector's 5 %-FPR threshold (95 % paired patient-bootstrap "
+            "intervals):",
+            "",
+            markdown_table(["attack", "reached the goal unseen"], rates),
             "",
         ]
 

@@ -173,6 +173,14 @@ DETECTION: Tree = {
         "images": Key(int, "clean images attacked again by the adaptive attacker"),
         "success_rate": Key(float, "share of them where the adaptive attack still reached its goal"),
         "weights": Key(list, "the attacker's lambda schedule (loss - lambda * detector logit)"),
+        "steps": Key(int, "PGD steps per lambda"),
+        "selective": Key(bool, "selective steps: an image whose finding flipped steps on the detector's logit alone"),
+        "evasion": {
+            "n": Key(int, "clean images attacked adaptively"),
+            "adaptive": Key(float, "share of them the adaptive attack took to its goal below the CE detector's 5 %-FPR threshold", True),
+            "non_adaptive": Key(float, "the same share for the non-adaptive attack on the same images", True),
+            "difference": Key(float, "adaptive minus non-adaptive (paired patient bootstrap)", True),
+        },
         "<detector>": {
             "auroc": Key(float, "the detector (fitted on the other patients' non-adaptive pairs) on clean vs adaptive images", True),
             "tpr@5fpr": Key(float, "its true positive rate at 5 % false positive rate", True),
