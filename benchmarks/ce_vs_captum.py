@@ -59,6 +59,7 @@ from causal_ie.interventions import EngineSettings, InterventionSpec, WindowGrid
 from causal_ie.interventions import fast  # noqa: E402
 from causal_ie.interventions.approx import ApproxCheck, ApproxSettings, approximate_causal_effect  # noqa: E402
 from causal_ie.models import Classifier  # noqa: E402
+from causal_ie.models.random_weights import randomise_batchnorm  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 K = 14
@@ -78,18 +79,6 @@ def load1() -> float:
     return os.getloadavg()[0]
 
 
-def randomise_batchnorm(model: nn.Module, seed: int = 0) -> nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            c = m.num_features
-            with torch.no_grad():
-                if m.weight is not None:
-                    m.weight.copy_(0.5 + torch.rand(c, generator=g))
-                    m.bias.copy_(0.1 * torch.randn(c, generator=g))
-                m.running_mean.copy_(0.1 * torch.randn(c, generator=g))
-                m.running_var.copy_(0.5 + torch.rand(c, generator=g))
-    return model.eval()
 
 
 def captum_maps(model, x, window: int, stride: int, ppe: int, findings) -> torch.Tensor:

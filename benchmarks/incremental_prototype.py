@@ -38,6 +38,7 @@ from torch import nn
 from causal_ie.interventions.incremental import IncrementalForward, window_boxes
 from causal_ie.interventions.windows import WindowGrid
 from causal_ie.models import Classifier
+from causal_ie.models.random_weights import randomise_batchnorm
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -49,19 +50,6 @@ def load() -> float:
         return float("nan")
 
 
-def randomise_batchnorm(model: nn.Module, seed: int = 0) -> None:
-    """timm zero-initialises the last BatchNorm of residual branches; give every BatchNorm random
-    statistics and affine parameters instead, so every branch contributes to the logits."""
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            c = m.num_features
-            with torch.no_grad():
-                if m.weight is not None:
-                    m.weight.copy_(0.5 + torch.rand(c, generator=g))
-                    m.bias.copy_(0.1 * torch.randn(c, generator=g))
-                m.running_mean.copy_(0.1 * torch.randn(c, generator=g))
-                m.running_var.copy_(0.5 + torch.rand(c, generator=g))
 
 
 def make_model(name: str, size: int) -> nn.Module:

@@ -18,8 +18,9 @@ from causal_ie.interventions.approx import (
     map_agreement,
 )
 from causal_ie.outputs.schema import EVALUATION_RUN, problems
+from causal_ie.models.random_weights import randomise_batchnorm
 from conftest import compose_config
-from test_incremental import images, randomise_batchnorm, timm_model
+from test_incremental import images, timm_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

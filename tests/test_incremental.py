@@ -29,24 +29,13 @@ from causal_ie.interventions.incremental import (
 )
 from causal_ie.interventions.spec import InterventionSpec
 from causal_ie.interventions.windows import WindowGrid
+from causal_ie.models.random_weights import randomise_batchnorm
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 TOL = 1e-5
 
 
-def randomise_batchnorm(model: nn.Module, seed: int = 0) -> nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            c = m.num_features
-            with torch.no_grad():
-                if m.weight is not None:
-                    m.weight.copy_(0.5 + torch.rand(c, generator=g))
-                    m.bias.copy_(0.1 * torch.randn(c, generator=g))
-                m.running_mean.copy_(0.1 * torch.randn(c, generator=g))
-                m.running_var.copy_(0.5 + torch.rand(c, generator=g))
-    return model.eval()
 
 
 def timm_model(name: str, in_chans: int = 1) -> nn.Module:
