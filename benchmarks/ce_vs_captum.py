@@ -58,6 +58,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from causal_ie.interventions import EngineSettings, InterventionSpec, WindowGrid, causal_effect  # noqa: E402
 from causal_ie.interventions import fast  # noqa: E402
 from causal_ie.interventions.approx import ApproxCheck, ApproxSettings, approximate_causal_effect  # noqa: E402
+from causal_ie.intervals import wilson_ci  # noqa: E402
 from causal_ie.models import Classifier  # noqa: E402
 from causal_ie.models.random_weights import randomise_batchnorm  # noqa: E402
 
@@ -287,7 +288,8 @@ def markdown(report: dict) -> str:
         "scaled to 14 findings and all images. Load: 1-minute load average while the mode ran (min-max). "
         "Approximate rows: error against the exact maps of all findings of "
         f"{cfg['check_images']} other image(s) (max |diff| / max |exact| per map, worst map; pointing agreement: "
-        "share of maps whose maximum lies on a maximal pixel of the exact map; within one window).",
+        "share of maps whose maximum lies on a maximal pixel of the exact map, [95 % Wilson interval]; within one "
+        "window).",
         "",
         "| model | size | mode | time (s) | roofline vs eager | speedup vs Captum x14 | max abs diff / error "
         "| pointing agreement (same pixel / window) | load | compile warm-up (s) |",
@@ -300,7 +302,9 @@ def markdown(report: dict) -> str:
             elif m.get("error"):
                 e = m["error"]
                 err = f"{e['max_rel_error']:.3f} rel (mean {e['mean_rel_error']:.3f})"
-                agree = f"{e['pointing_agreement']:.2f} / {e['window_agreement']:.2f} ({e['maps']} maps)"
+                _, low, high = wilson_ci(round(e["pointing_agreement"] * e["maps"]), e["maps"])
+                agree = (f"{e['pointing_agreement']:.2f} [{low:.2f}, {high:.2f}] / {e['window_agreement']:.2f} "
+                         f"({e['maps']} maps)")
                 if "predicted_pointing_agreement" in e:
                     agree += (f"; predicted findings {e['predicted_pointing_agreement']:.2f} / "
                               f"{e['predicted_window_agreement']:.2f} ({e['predicted_maps']})")
