@@ -58,7 +58,7 @@ class AdaptiveStudy:
     def __init__(
         self,
         images: int = 100,
-        weights: Sequence[float] = (0.1, 1.0, 10.0),
+        weights: Sequence[float] = (0.01, 0.1, 1.0),
         steps: int | None = None,
         selective: bool = True,
         margin: float = 0.0,
