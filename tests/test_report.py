@@ -157,3 +157,29 @@ def test_schema_names_unknown_keys_wrong_types_and_accepts_intervals():
         "localisation.ce.iobb@high: not in the schema",
         "localisation.ce.pointing_gme: not in the schema",
     ]
+
+
+def test_adaptive_section_labels_each_detector_by_its_intervals():
+    from causal_ie.attacks.report import AttackReport
+
+    def scores(auroc, low, high):
+        return {"auroc": auroc, "auroc_ci_low": low, "auroc_ci_high": high}
+
+    det = {
+        "ce": scores(0.98, 0.97, 0.99), "noise_flip": scores(0.88, 0.86, 0.90), "max_prob": scores(0.74, 0.70, 0.77),
+        "adaptive": {
+            "attacked": "ce", "images": 10, "success_rate": 0.9, "weights": [0.01], "steps": 20, "selective": True,
+            "ce": {**scores(0.13, 0.09, 0.17), "n_test": 9},            # falls: interval below the plain one
+            "noise_flip": {**scores(0.86, 0.83, 0.89), "n_test": 9},    # overlaps: holds, though not attacked
+            "max_prob": {**scores(0.72, 0.69, 0.75), "n_test": 9},
+            "evasion": {"n": 10, "adaptive": 0.9, "adaptive_ci_low": 0.7, "adaptive_ci_high": 1.0,
+                        "non_adaptive": 0.1, "non_adaptive_ci_low": 0.0, "non_adaptive_ci_high": 0.3,
+                        "difference": 0.8, "difference_ci_low": 0.5, "difference_ci_high": 1.0},
+        },
+    }
+    text = "\n".join(AttackReport._adaptive(det))
+    assert "| ce | 0.980 [0.970, 0.990] | 0.130 [0.090, 0.170] | 9 | non-adaptive attacker only |" in text
+    assert "| noise_flip | 0.880 [0.860, 0.900] | 0.860 [0.830, 0.890] | 9 | holds (not the detector attacked) |" in text
+    assert "20 steps, selective" in text
+    assert "| adaptive minus non-adaptive | 0.800 [0.500, 1.000] |" in text
+    assert "evasion" not in text.split("| detector |")[1].split("What a defender pays")[0]  # no row for it

@@ -126,6 +126,7 @@ class AttackReport:
         if not adaptive:
             return []
         rows = []
+        attacked = adaptive.get("attacked", "ce")
         for name, v in adaptive.items():
             if not isinstance(v, Mapping) or name == "evasion":
                 continue
@@ -140,13 +141,15 @@ class AttackReport:
                 fmt_interval(before.get("auroc"), before.get("auroc_ci_low"), before.get("auroc_ci_high")),
                 fmt_interval(v["auroc"], v.get("auroc_ci_low"), v.get("auroc_ci_high")),
                 v.get("n_test", "?"),
-                "non-adaptive attacker only" if drop else "holds",
+                "non-adaptive attacker only" if drop else
+                ("holds" if name == attacked else "holds (not the detector attacked)"),
             ])
         return [
             f"### Against an adaptive attacker (knows the {adaptive.get('attacked', 'ce')} detector)",
             "",
             f"{adaptive.get('images', '?')} clean images attacked again on the classification loss minus lambda "
-            f"times the detector's logit (lambda schedule {adaptive.get('weights')}); the attack reached its goal "
+            f"times the detector's logit (lambda schedule {adaptive.get('weights')}, {adaptive.get('steps', '?')} steps"
+            f"{', selective' if adaptive.get('selective') else ''}); the attack reached its goal "
             f"on {fmt(adaptive.get('success_rate'))} of them. Each detector is fitted on the other patients' "
             "non-adaptive pairs. 'non-adaptive attacker only': the AUROC interval under this attack lies "
             "entirely below the non-adaptive one.",
