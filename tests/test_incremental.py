@@ -70,6 +70,13 @@ def grid_items(clean: torch.Tensor, window: int, stride: int, limit: int | None 
     return image_idx, boxes, occluded(clean, image_idx, boxes)
 
 
+def assert_plain_forwards(fwd: IncrementalForward, model: nn.Module, clean: torch.Tensor, window: int) -> None:
+    """A refused model's forward is the plain forward, bit for bit, on every window of ``clean``."""
+    image_idx, boxes, x = grid_items(clean, window, window)
+    with torch.no_grad():
+        assert torch.equal(fwd(x, image_idx, boxes), model(x))
+
+
 def max_diff(model: nn.Module, fwd: IncrementalForward, x, image_idx, boxes, batch: int = 32) -> float:
     """Largest |logit difference| from the plain forward; the incremental path must have run."""
     worst = 0.0
@@ -138,9 +145,7 @@ def test_efficientnet_falls_back_with_reason(caplog):
     assert not fwd.supported
     assert "blocks.0.0.se" in fwd.reason and "mean" in fwd.reason
     assert any("blocks.0.0.se" in r.getMessage() for r in caplog.records)
-    image_idx, boxes, x = grid_items(clean, 8, 8)
-    with torch.no_grad():
-        assert torch.equal(fwd(x, image_idx, boxes), model(x))
+    assert_plain_forwards(fwd, model, clean, 8)
 
 
 def test_channels_last():
@@ -324,9 +329,7 @@ def test_global_mixing_falls_back_naming_the_op(caplog):
     assert "mean" in fwd.reason and "global mixing" in fwd.reason
     assert sum("mean" in r.getMessage() for r in caplog.records) == 1
     assert incremental_support(model, (1, 16, 16)) == (False, fwd.reason)
-    image_idx, boxes, x = grid_items(clean, 4, 4)
-    with torch.no_grad():
-        assert torch.equal(fwd(x, image_idx, boxes), model(x))
+    assert_plain_forwards(fwd, model, clean, 4)
 
 
 class _Untraceable(nn.Module):
@@ -346,9 +349,7 @@ def test_untraceable_model_falls_back():
     clean = images(2, size=8)
     fwd = IncrementalForward(model, clean, verify=0)
     assert not fwd.supported and "torch.fx cannot trace" in fwd.reason
-    image_idx, boxes, x = grid_items(clean, 4, 4)
-    with torch.no_grad():
-        assert torch.equal(fwd(x, image_idx, boxes), model(x))
+    assert_plain_forwards(fwd, model, clean, 4)
 
 
 class _StaleInplace(nn.Module):
@@ -370,9 +371,7 @@ def test_inplace_change_read_later_falls_back():
     clean = images(2, size=16)
     fwd = IncrementalForward(model, clean, verify=0)
     assert not fwd.supported and "in place" in fwd.reason
-    image_idx, boxes, x = grid_items(clean, 4, 4)
-    with torch.no_grad():
-        assert torch.equal(fwd(x, image_idx, boxes), model(x))
+    assert_plain_forwards(fwd, model, clean, 4)
 
 
 def test_supported_models_and_training_mode():
