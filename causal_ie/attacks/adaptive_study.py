@@ -96,13 +96,14 @@ class AdaptiveStudy:
         # 5 %-FPR threshold)? The rate a defender pays; paired on the same images.
         evaded: dict[str, list[np.ndarray]] = {"adaptive": [], "non_adaptive": []}
         evaded_groups: list[str] = []
+        inputs = study.detector_matrices(col)  # every detector's (clean, adversarial) features of the plain pairs
         for part, half in enumerate((halves, ~halves), start=1):
             test = chosen[half]
             log.info("adaptive study, half %d of 2: %d image(s) of unseen patients", part, len(test))
             train = selection.copy()
             train[np.isin(groups, np.unique(groups[test]))] = False
-            fitted = self._fit(study, col, train)
-            ce_clean = study.detector_matrices(col)["ce"][0]
+            fitted = self._fit(study, inputs, train)
+            ce_clean, ce_adv = inputs["ce"]
             # the operating point the attacker aims below: the fitted detector's 5 % FPR threshold
             threshold = float(np.quantile(fitted["ce"].decision_function(ce_clean[train]), 0.95))
             images = to_model(classifier, torch.stack([items[int(c)]["image"] for c in codes[test].astype(np.int64)]))
@@ -111,9 +112,8 @@ class AdaptiveStudy:
             attempted += len(test)
             ok = adversarial.success.cpu().numpy()
             succeeded += int(ok.sum())
-            ce_adv = study.detector_matrices(col)["ce"][1][test]
             reached = (col[("outcome", "eligible")][test] > 0) & (col[("outcome", "success")][test] > 0)
-            evaded["non_adaptive"].append(reached & (fitted["ce"].decision_function(ce_adv) < threshold))
+            evaded["non_adaptive"].append(reached & (fitted["ce"].decision_function(ce_adv[test]) < threshold))
             evaded["adaptive"].append(ok & (adversarial.detector_logit.cpu().numpy() < threshold))
             evaded_groups += list(groups[test])
             if not ok.any():
@@ -179,10 +179,12 @@ class AdaptiveStudy:
             raise ValueError("attack.adaptive needs selected attack pairs of at least 2 patients")
         return np.array(sorted(chosen))
 
-    def _fit(self, study: AttackEvaluation, col: Mapping[Column, np.ndarray], train: np.ndarray) -> dict[str, Any]:
+    def _fit(
+        self, study: AttackEvaluation, inputs: Mapping[str, tuple[np.ndarray, np.ndarray]], train: np.ndarray
+    ) -> dict[str, Any]:
         """Every detector fitted on the non-adaptive pairs ``train``."""
         fitted = {}
-        for name, (clean, adv) in study.detector_matrices(col).items():
+        for name, (clean, adv) in inputs.items():
             kind = "logistic" if name in study.baselines else study.detector
             fitted[name] = fit_detector(clean, adv, train, kind=kind, seed=study.seed)
         return fitted
