@@ -113,13 +113,6 @@ def release(tensor: Tensor) -> Tensor:
     return tensor.clone() if isinstance(tensor, Tensor) and tensor.is_inference() else tensor
 
 
-def as_channels_last(x: Tensor, settings: EngineSettings) -> Tensor:
-    """Images in the memory format the forwards run in."""
-    if settings.channels_last and x.dim() == 4:
-        return x.contiguous(memory_format=torch.channels_last)
-    return x
-
-
 # ---------------------------------------------------------------- torch.compile, cached
 
 
