@@ -33,6 +33,7 @@ maximum moves with any error). ``evaluate.py`` writes it to ``run.<method>.appro
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import time
 from collections.abc import Callable
@@ -40,16 +41,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from causal_ie.interventions.baselines import Baseline
-from causal_ie.interventions.engine import BatchForward, batch_forward, check_images, region_effects
-from causal_ie.interventions.fast import engine_session, release
+from causal_ie.interventions.engine import BatchForward, batch_forward, pixel_space_effects, region_effects
 from causal_ie.interventions.incremental import IncrementalForward, _Geometry, _Window
 from causal_ie.interventions.spec import InterventionSpec
 from causal_ie.interventions.windows import WindowGrid
-from causal_ie.runtime import eval_mode, to_model
 
 METHODS = ("bf16", "projective", "drilldown")
 
@@ -335,17 +333,12 @@ def approximate_causal_effect(
     spec = spec if spec is not None else InterventionSpec()
     if spec.differentiable:
         raise ValueError("approximate CE (mask.approx) cannot be differentiable")
-    check_images(x.detach())
-    inputs = to_model(model, x)
-    grid = WindowGrid.create(tuple(inputs.shape[-2:]), window, stride)
-    with eval_mode(model), engine_session(model, spec.engine):
-        forward = approx_forward(approx)(model, inputs, spec)
-        baseline = spec.baseline_for(inputs)
-        if "drilldown" in approx.methods:
-            effects = drilldown_effects(forward, inputs, grid, baseline, spec, approx)
-        else:
-            effects = region_effects(forward, inputs, grid, baseline, spec)
-    return grid.assemble(release(effects)).to(x.device)
+    effects, grid = pixel_space_effects(
+        model, x, lambda inputs: WindowGrid.create(tuple(inputs.shape[-2:]), window, stride), spec,
+        forward_for=approx_forward(approx),
+        effects_for=functools.partial(drilldown_effects, approx=approx) if "drilldown" in approx.methods else None,
+    )
+    return grid.assemble(effects).to(x.device)
 
 
 # ---------------------------------------------------------------- measured error

@@ -254,19 +254,20 @@ def pixel_space_effects(
     regions_for: Callable[[Tensor], Regions],
     spec: InterventionSpec,
     forward_for: Callable[[nn.Module, Tensor, InterventionSpec], BatchForward] = batch_forward,
+    effects_for: Callable[[BatchForward, Tensor, Any, Baseline, InterventionSpec], Tensor] | None = None,
 ) -> tuple[Tensor, Regions]:
     """What every pixel-space region kind shares: checks, the model's device, eval mode, the
     engine session (``spec.engine``: channels_last weights, inference mode; autograd only with
     ``spec.differentiable``), the baseline, the forward (:func:`batch_forward`: incremental unless
     ``spec.incremental`` is off, compiled with ``spec.engine.compile``; ``forward_for`` replaces it),
-    the engine. Returns effects [N, K, R_max] on the model's device and the regions
+    the engine (:func:`region_effects`; ``effects_for`` replaces it, same arguments). Returns effects [N, K, R_max] on the model's device and the regions
     ``regions_for(images on that device)`` built."""
     check_images(x.detach())
     inputs = to_model(model, x)
     regions = regions_for(inputs.detach())
     with eval_mode(model), engine_session(model, spec.engine, spec.differentiable):
         forward = forward_for(model, inputs, spec)
-        effects = region_effects(forward, inputs, regions, spec.baseline_for(inputs), spec)
+        effects = (effects_for or region_effects)(forward, inputs, regions, spec.baseline_for(inputs), spec)
     return release(effects), regions
 
 
