@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 import subprocess
 import sys
@@ -114,7 +115,10 @@ def test_detection_without_enough_changed_pairs_is_skipped_and_the_rest_is_kept(
     results, _ = evaluate(cfg)
     assert re.search(r"changed attack pairs from at least 4 patients .*got 0 \(0 pairs\).*attack.eps",
                      results["detection"]["skipped"])
-    assert "ce" not in results["detection"]
+    for name in ("ce", "max_prob", "noise_flip", "combined"):  # the contract's keys stay, unscored
+        assert math.isnan(results["detection"][name]["auroc"]) and math.isnan(results["detection"][name]["tpr@5fpr"])
+        assert results["detection"][name]["n_test"] == 0
+    assert problems(results, EVALUATION) == []
     written = read_results(tmp_path / "results.json")
     assert written["attack"]["perturbation"]["linf"] == 0.0
     assert written["detection"]["skipped"] == results["detection"]["skipped"]

@@ -13,6 +13,7 @@ patient-bootstrap intervals.
 from __future__ import annotations
 
 import logging
+from math import nan
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -380,7 +381,13 @@ class AttackEvaluation(nn.Module):
                 "use a stronger attack (attack.eps), or set detection.pairs=changed or all"
             )
             log.warning("detection skipped: %s", reason)
-            return {"pairs": self.pairs, "images": len(groups), "skipped": reason}, {}, None
+            # the keys every attack run carries stay, as NaN, so sweeps and readers still find them
+            unscored = {key: nan for key in ("auroc", "auroc_ci_low", "auroc_ci_high",
+                                             "tpr@5fpr", "tpr@5fpr_ci_low", "tpr@5fpr_ci_high")}
+            detection = {"pairs": self.pairs, "images": len(groups), "skipped": reason}
+            for name in self.detector_matrices(col):
+                detection[name] = {**unscored, "n_test": int(selection.sum()), "n_train": 0}
+            return detection, {}, None
         inputs = self.detector_matrices(col)
         scores, n_train = self._scores(inputs, groups, selection)
         detection: dict[str, Any] = {

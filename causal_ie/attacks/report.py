@@ -77,7 +77,8 @@ class AttackReport:
                 "",
             ]
         det = results.get("detection", {})
-        scored = {k: v for k, v in det.items() if isinstance(v, Mapping) and k not in ("changed_pairs", "adaptive")}
+        scored = {k: v for k, v in det.items() if isinstance(v, Mapping) and k not in ("changed_pairs", "adaptive")
+                  and "skipped" not in det}
         if scored:
             rows = [
                 [k, fmt_interval(v.get("auroc", nan), v.get("auroc_ci_low"), v.get("auroc_ci_high")),

@@ -289,8 +289,7 @@ class CEEvaluation(L.LightningModule):
         self.log("test/auroc_mean", results["classification"]["auroc_mean"], rank_zero_only=True)
         if self.attack is not None:
             self.log("test/attack_success_rate", results["attack"]["success_rate"], rank_zero_only=True)
-            if "ce" in results["detection"]:  # absent when too few pairs to score
-                self.log("test/detection_ce_auroc", results["detection"]["ce"]["auroc"], rank_zero_only=True)
+            self.log("test/detection_ce_auroc", results["detection"]["ce"]["auroc"], rank_zero_only=True)
 
     def _add_intervals(self, results: dict[str, Any]) -> None:
         """95 % patient-bootstrap intervals beside the AUROCs, pointing games and IoBB/IoU

@@ -160,7 +160,7 @@ DETECTION: Tree = {
     "pairs": Key(str, "which (clean, adversarial) pairs enter: successful (the attack reached its goal), changed or all"),
     "images": Key(int, "image pairs the detectors were fitted and scored on"),
     "repeats": Key(int, "cross-fits averaged per detector"),
-    "skipped": Key(str, "why the detectors were not scored (too few pairs); the other detection keys are then absent"),
+    "skipped": Key(str, "why the detectors were not scored (too few pairs); their AUROC and TPR keys are then NaN"),
     "<detector>": DETECTOR_SCORES,
     "changed_pairs": {
         "<detector>": {
