@@ -352,7 +352,16 @@ def test_ddp_cpu_evaluation_with_the_autoencoder_equals_one_process(tmp_path, ch
         assert run.returncode == 0, run.stderr[-3000:]
         out[name] = json.loads((tmp_path / name / "results.json").read_text())
         assert len(list((tmp_path / name / "cache" / "autoencoders").glob("*.pt"))) == 1
-    assert out["two"]["run"]["ce_latent"] == out["one"]["run"]["ce_latent"]
+    # Lightning gives each of the two gloo processes half the threads, so rank 0 fits the autoencoder
+    # with another OpenMP split than the single process: its float32 sums are reduced in another
+    # order and its fit statistics differ in the last digits (seen: 0.05492595 vs 0.05492594, rel 7e-8).
+    # rel 1e-5 leaves two orders of magnitude for 10 Adam steps to amplify that, while a rank fitting
+    # on other images or its own shard would differ by percent.
+    one_fit, two_fit = out["one"]["run"]["ce_latent"], out["two"]["run"]["ce_latent"]
+    assert two_fit.keys() == one_fit.keys()
+    for key, value in one_fit.items():
+        expected = pytest.approx(value, rel=1e-5) if isinstance(value, float) else value
+        assert two_fit[key] == expected, key
     for section in ("classification", "localisation"):
         assert flatten(out["two"][section]) == pytest.approx(flatten(out["one"][section]), abs=1e-5, nan_ok=True)
 
