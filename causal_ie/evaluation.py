@@ -55,7 +55,9 @@ def autoencoder_cache(
     return AutoencoderCache(cache_dir, key)
 
 
-def build_attack_evaluation(cfg: DictConfig, classifier: nn.Module, explainers: dict[str, Explainer]) -> AttackEvaluation | None:
+def build_attack_evaluation(
+    cfg: DictConfig, classifier: nn.Module, explainers: dict[str, Explainer], unlabelled: tuple[str, ...] = ()
+) -> AttackEvaluation | None:
     """The attack study from ``attack`` and ``detection`` (None for ``attack=none``)."""
     if not cfg.get("attack"):
         return None
@@ -65,7 +67,8 @@ def build_attack_evaluation(cfg: DictConfig, classifier: nn.Module, explainers: 
         settings.pop(key, None)
     ce = {name: e for name, e in explainers.items() if name in ("ce", "ce_latent")}
     missing = tuple(getattr(classifier, "missing_findings", ()))
-    return AttackEvaluation(attack, classifier.findings, ce, seed=int(cfg.seed), missing_findings=missing, **settings)
+    return AttackEvaluation(attack, classifier.findings, ce, seed=int(cfg.seed), missing_findings=missing,
+                            unlabelled_findings=unlabelled, **settings)
 
 
 def reference_images(datamodule: L.LightningDataModule, limit: int) -> Iterator[Tensor]:
@@ -82,17 +85,18 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     out_dir = Path(cfg.paths.output_dir)
     classifier, ckpt = load_classifier(cfg)
     datamodule = instantiate(cfg.data, _convert_="all")
-    check_compatible(classifier, datamodule, ckpt)
+    labels = check_compatible(classifier, datamodule, ckpt)  # the data now comes in the model's labels
     explainers = build_explainers(cfg)
     settings = instantiate(cfg.evaluation, _convert_="all")  # builds evaluation.deletion (an InterventionSpec)
-    attack = build_attack_evaluation(cfg, classifier, explainers)
+    attack = build_attack_evaluation(cfg, classifier, explainers, labels.model_only)
     if attack is not None:
         images = cfg.detection.get("test_images")  # the attack study's images: null, the whole test split
         datamodule.test_subset = None if images is None else int(images)
         attack.fit_reference(classifier, reference_images(datamodule, int(cfg.detection.get("reference_images", 500))))
     # latent autoencoders (space=autoencoder) are fitted in CEEvaluation.on_test_start, on the device
     cache = autoencoder_cache(classifier, ckpt, cfg.paths.cache_dir, cfg.data)
-    module = CEEvaluation(classifier, explainers, attack=attack, autoencoder_cache=cache, **settings)
+    module = CEEvaluation(classifier, explainers, attack=attack, autoencoder_cache=cache,
+                          unlabelled_findings=labels.model_only, **settings)
     sections = [LocalisationReport(), AttackReport()]
     figures = CEMapLogger(out_dir, sections)
     loggers = instantiate_dict(cfg.get("logger"))
@@ -109,6 +113,7 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
             "mask": getattr(explainers.get("ce"), "kind", "none"),
             "backbone": classifier.hparams.backbone,
             "missing_findings": list(getattr(classifier, "missing_findings", ())),
+            "labels": labels.report(),  # which of the model's labels the data scores, and the rest
             # what the latent CE intervened through, and how well the autoencoder fits
             **module.autoencoder_fits,
         },

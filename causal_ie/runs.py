@@ -18,6 +18,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from causal_ie.io import atomic_write_text
+from causal_ie.labels import LabelAlignment, model_labels
 from causal_ie.models import Classifier
 
 TRAINABLE = "causal_ie.models.Classifier"  # the _target_ of conf/model/_classifier.yaml
@@ -94,23 +95,22 @@ def find_checkpoint(ckpt_path: str | None, search_dirs: list[str | Path]) -> Pat
     return max(found, key=lambda p: p.stat().st_mtime)
 
 
-def check_compatible(classifier: nn.Module, datamodule: L.LightningDataModule, ckpt: Path | None) -> None:
-    """A classifier must predict the data's findings at the data's image size (a model that
-    resizes its input itself, such as ``model=xrv``, has no image size)."""
+def check_compatible(classifier: nn.Module, datamodule: L.LightningDataModule, ckpt: Path | None) -> LabelAlignment:
+    """A classifier must share labels with the data and run at the data's image size (a model
+    that resizes its input itself, such as ``model=xrv``, has no image size). From then on the
+    datamodule serves its labels in the classifier's label space; returns that alignment."""
     what = f"checkpoint {ckpt}" if ckpt is not None else f"model {classifier.hparams.backbone}"
-    findings = tuple(datamodule.findings)
-    if tuple(classifier.findings) != findings:
-        raise ValueError(
-            f"{what} predicts {len(classifier.findings)} findings "
-            f"({', '.join(classifier.findings[:4])}, ...) but the data has {len(findings)} "
-            f"({', '.join(findings[:4])}, ...): use a checkpoint trained on this data"
-        )
+    try:
+        alignment = datamodule.align_labels(model_labels(classifier))
+    except ValueError as err:
+        raise ValueError(f"{what}: {err}: use a model trained on labels of this data") from None
     size = classifier.hparams.get("image_size")
     if size is not None and int(size) != int(datamodule.image_size):
         raise ValueError(
             f"{what} was trained at image_size={size} but data.image_size="
             f"{datamodule.image_size}: set data.image_size={size} or use a matching checkpoint"
         )
+    return alignment
 
 
 def load_classifier(cfg: DictConfig) -> tuple[nn.Module, Path | None]:

@@ -12,7 +12,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from causal_ie.io import atomic_write_json
-from causal_ie.runs import build_callbacks, instantiate_dict
+from causal_ie.runs import TRAINABLE, build_callbacks, instantiate_dict
 
 log = logging.getLogger(__name__)
 
@@ -30,9 +30,11 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     """
     L.seed_everything(cfg.seed, workers=True)
     datamodule: L.LightningDataModule = instantiate(cfg.data, _convert_="all")
-    overrides = {}
-    if cfg.get("auto_pos_weight"):
-        overrides["pos_weight"] = datamodule.positive_weights()
+    overrides: dict[str, Any] = {}
+    if cfg.model.get("_target_") == TRAINABLE:  # a pretrained model (model=xrv) is refused below
+        overrides["labels"] = datamodule.labels  # the model predicts the data's labels; its checkpoint keeps them
+        if cfg.get("auto_pos_weight"):
+            overrides["pos_weight"] = datamodule.positive_weights()
     model: L.LightningModule = instantiate(cfg.model, _convert_="all", **overrides)
     if not isinstance(model, L.LightningModule):
         raise ValueError(

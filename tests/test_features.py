@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from causal_ie.attacks.features import CEFeatureExtractor, agreement, region_features
+from causal_ie.data import FINDINGS
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -60,6 +61,7 @@ class Linear(nn.Module):
 
     def __init__(self, size: int = 8, k: int = 14):
         super().__init__()
+        self.findings = FINDINGS[:k]  # the output names the features are keyed by
         self.weight = nn.Parameter(torch.randn(k, size * size, generator=torch.Generator().manual_seed(0)))
 
     def forward(self, x):

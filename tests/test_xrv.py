@@ -1,5 +1,5 @@
-"""torchxrayvision classifiers behind the project's contract: columns, NaN for missing findings,
-[-1024, 1024] scaling, resize, input gradients, weights files and the errors when there are none."""
+"""torchxrayvision classifiers behind the project's contract: one column per named output in the
+network's own label space (18 for the all-data sets DenseNet), [-1024, 1024] scaling, resize, input gradients, weights files and the errors when there are none."""
 
 from __future__ import annotations
 
@@ -21,16 +21,17 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 xrv = pytest.importorskip("torchxrayvision")
 URLS = xrv.models.model_urls
 CHEX_MISSING = ("Infiltration", "Mass", "Nodule", "Emphysema", "Fibrosis", "Pleural_Thickening", "Hernia")
-# what each pretrained weights name leaves out of the 14 findings (torchxrayvision 1.5.7's label lists)
-MISSING = {
-    "densenet121-res224-all": (),
-    "densenet121-res224-nih": (),
-    "densenet121-res224-pc": (),
-    "densenet121-res224-chex": CHEX_MISSING,
-    "densenet121-res224-mimic_nb": CHEX_MISSING,
-    "densenet121-res224-mimic_ch": CHEX_MISSING,
-    "densenet121-res224-rsna": tuple(f for f in FINDINGS if f != "Pneumonia"),
-    "resnet50-res512-all": (),
+# how many named outputs each pretrained weights name has (torchxrayvision 1.5.7's label lists,
+# counted by hand: the 18-slot lists hold '' where a data set has no such label)
+NAMED_OUTPUTS = {
+    "densenet121-res224-all": 18,
+    "densenet121-res224-nih": 14,
+    "densenet121-res224-pc": 15,  # PadChest adds Fracture
+    "densenet121-res224-chex": 11,
+    "densenet121-res224-mimic_nb": 11,
+    "densenet121-res224-mimic_ch": 11,
+    "densenet121-res224-rsna": 2,
+    "resnet50-res512-all": 18,
 }
 SMALL = 32  # network input side in the tests (the real weights use 224 / 512)
 
@@ -66,22 +67,22 @@ def no_download(monkeypatch):
 
 
 def test_known_weights_names_are_the_ones_tested():
-    assert set(xrv_weight_names()) == set(MISSING)
+    assert set(xrv_weight_names()) == set(NAMED_OUTPUTS)
 
 
-@pytest.mark.parametrize("weights", sorted(MISSING))
-def test_each_finding_gets_its_pathologys_logit_and_missing_ones_are_nan(weights, tmp_path, no_download):
+@pytest.mark.parametrize("weights", sorted(NAMED_OUTPUTS))
+def test_each_named_output_is_a_column_with_its_own_logit(weights, tmp_path, no_download):
     arch = "resnet50" if weights.startswith("resnet50") else "densenet121"
     fill_cache(tmp_path, weights, indexed_state(arch))
     model = XRVClassifier(weights=weights, cache_dir=tmp_path, input_resolution=SMALL)
     labels = URLS[weights]["labels"]
     out = model(torch.rand(2, 1, SMALL, SMALL))
-    assert out.shape == (2, len(FINDINGS))
-    expected = torch.tensor([float(labels.index(f)) if f in labels else math.nan for f in FINDINGS])
-    torch.testing.assert_close(out, expected.expand(2, -1), equal_nan=True)
-    assert model.missing_findings == MISSING[weights]
-    assert torch.isnan(out).any(0).tolist() == [f in MISSING[weights] for f in FINDINGS]
-    assert model.findings == FINDINGS
+    assert out.shape == (2, NAMED_OUTPUTS[weights]) and torch.isfinite(out).all()
+    # network output i has the constant logit i: column j is the j-th named output
+    named = [i for i, p in enumerate(labels) if p]
+    torch.testing.assert_close(out, torch.tensor(named, dtype=torch.float32).expand(2, -1))
+    assert model.findings == tuple(labels[i] for i in named) == model.labels.names
+    assert model.labels.name == f"xrv:{weights}" and model.missing_findings == ()
     assert model.weights_file == cache_path(weights, tmp_path)
     assert model.hparams.backbone == f"xrv:{weights}"
     assert model.input_resolution == SMALL
@@ -95,19 +96,20 @@ def test_effusion_logit_lands_in_the_effusion_column():
         head(model.backbone).bias[k] = 7.5
         head(model.backbone).weight.zero_()
     out = model(torch.rand(3, 1, SMALL, SMALL))
-    assert (out[:, FINDINGS.index("Effusion")] == 7.5).all()
-    assert (out[:, [j for j, f in enumerate(FINDINGS) if f != "Effusion"]] == 0).all()
+    assert len(model.findings) == 18 and {"Lung Opacity", "Fracture", "Lung Lesion"} <= set(model.findings)
+    j = model.findings.index("Effusion")
+    assert (out[:, j] == 7.5).all()
+    assert (out[:, [i for i in range(18) if i != j]] == 0).all()
 
 
-def test_chex_like_pathologies_give_nan_exactly_in_the_missing_columns():
+def test_chex_pathologies_keep_only_the_named_outputs_and_the_checkpoint_records_them():
     chex = URLS["densenet121-res224-chex"]["labels"]
     model = XRVClassifier("random", pathologies=chex, input_resolution=SMALL)
     out = model(torch.rand(2, 1, SMALL, SMALL))
-    missing = [FINDINGS.index(f) for f in CHEX_MISSING]
-    present = [j for j in range(len(FINDINGS)) if j not in missing]
-    assert torch.isnan(out[:, missing]).all() and torch.isfinite(out[:, present]).all()
-    assert model.missing_findings == CHEX_MISSING
-    assert model.hparams.missing_findings == list(CHEX_MISSING)
+    assert out.shape == (2, 11) and torch.isfinite(out).all()
+    assert not set(CHEX_MISSING) & set(model.findings)
+    assert model.hparams.labels["names"] == [p for p in chex if p]
+    assert model.hparams.pathologies == list(chex)
 
 
 def test_forward_returns_logits_not_the_op_norm_probabilities(tmp_path):
@@ -132,11 +134,11 @@ def test_forward_returns_logits_not_the_op_norm_probabilities(tmp_path):
         net.op_threshs = None
     torch.testing.assert_close(calibrated, xrv.models.op_norm(torch.sigmoid(raw), thresholds))
     assert calibrated.max() <= 1
-    # the operating points, per finding, NaN where the weights have none
+    # the operating points, one per output column
     thresholds = URLS[weights]["op_threshs"]
     labels = URLS[weights]["labels"]
     torch.testing.assert_close(
-        model.operating_points, torch.tensor([thresholds[labels.index(f)] for f in FINDINGS], dtype=torch.float32)
+        model.operating_points, torch.tensor([thresholds[labels.index(f)] for f in model.findings], dtype=torch.float32)
     )
 
 
@@ -147,8 +149,7 @@ def test_logits_match_torchxrayvision_forward_on_a_real_image_pipeline():
     scaled = xrv.datasets.normalize(x.numpy(), 1.0)  # [0, 1] -> [-1024, 1024] as xrv does
     resized = F.interpolate(torch.from_numpy(scaled), size=(SMALL, SMALL), mode="bilinear", antialias=True)
     reference = model.backbone.forward(resized)
-    order = [model.pathologies.index(f) for f in FINDINGS]
-    torch.testing.assert_close(model(x), reference[:, order], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(model(x), reference, rtol=1e-4, atol=1e-4)
 
 
 def test_normalisation_maps_0_and_1_to_the_xrv_range():
@@ -175,7 +176,7 @@ def test_any_input_size_is_resized_to_the_network_resolution(arch):
     try:
         for side in (16, 48):
             x = torch.rand(2, 1, side, side)
-            assert model(x).shape == (2, len(FINDINGS))
+            assert model(x).shape == (2, 18)
             expected = F.interpolate(x, size=(SMALL, SMALL), mode="bilinear", antialias=True) * 2048 - 1024
             torch.testing.assert_close(seen[-1], expected)
     finally:
@@ -194,15 +195,15 @@ def test_gradients_reach_the_input_and_the_weights_are_frozen():
     assert not model.training and not any(m.training for m in model.modules())
     assert not any(p.requires_grad for p in model.parameters())
     x = torch.rand(2, 1, 24, 24, requires_grad=True)
-    model(x)[:, FINDINGS.index("Effusion")].sum().backward()
+    model(x)[:, model.findings.index("Effusion")].sum().backward()
     assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
 
 
-def test_nan_columns_pass_no_nan_gradient():
+def test_unnamed_outputs_pass_no_gradient_into_the_kept_columns():
     model = XRVClassifier("random", pathologies=URLS["densenet121-res224-chex"]["labels"], input_resolution=SMALL)
     x = torch.rand(2, 1, SMALL, SMALL, requires_grad=True)
     out = model(x)
-    out[:, FINDINGS.index("Effusion")].sum().backward()
+    out[:, model.findings.index("Effusion")].sum().backward()
     assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
 
 
@@ -220,7 +221,9 @@ def test_a_weights_file_given_as_checkpoint_loads(kind, tmp_path, no_download, m
         torch.save(source.backbone, path)
     loaded = XRVClassifier("densenet121-res224-nih", checkpoint=str(path), input_resolution=SMALL)
     x = torch.rand(2, 1, SMALL, SMALL)
-    torch.testing.assert_close(loaded(x), source(x))
+    # the NIH weights name 14 of the 18 outputs: the same network, its named columns
+    torch.testing.assert_close(loaded(x), source(x)[:, :14])
+    assert loaded.findings == source.findings[:14]
     assert loaded.weights_file == path and loaded.hparams.checkpoint == str(path)
     # weights=random takes a checkpoint too (the architecture from model.arch)
     again = XRVClassifier("random", checkpoint=path, input_resolution=SMALL)
@@ -319,7 +322,7 @@ def test_hydra_config_composes_and_instantiates(tmp_path):
     assert set(cfg.model) == {"_target_", "weights", "checkpoint", "cache_dir", "arch", "pathologies", "input_resolution"}
     model = instantiate(cfg.model, _convert_="all")
     assert isinstance(model, XRVClassifier)
-    assert model(torch.rand(2, 1, 32, 32)).shape == (2, len(FINDINGS))
+    assert model(torch.rand(2, 1, 32, 32)).shape == (2, 18)
     assert model.hparams.backbone == "xrv:random-densenet121"
     # the shipped default is the all-datasets DenseNet, read from the cache
     default = _compose_model(tmp_path)
@@ -346,25 +349,23 @@ def test_ce_cams_latent_and_attacks_run_on_it():
     chex = URLS["densenet121-res224-chex"]["labels"]
     model = XRVClassifier("random", pathologies=chex, input_resolution=SMALL)
     x = torch.rand(2, 1, SMALL, SMALL)
-    missing = [FINDINGS.index(f) for f in CHEX_MISSING]
-    present = [j for j in range(len(FINDINGS)) if j not in missing]
+    k = len(model.findings)
 
     maps = causal_effect(model, x, window=8, stride=8)
-    assert maps.shape == (2, len(FINDINGS), SMALL, SMALL)
-    assert torch.isfinite(maps[:, present]).all()
+    assert maps.shape == (2, k, SMALL, SMALL) and k == 11
+    assert torch.isfinite(maps).all()
 
     assert resolve_target_layer(model)[0] == "backbone.features.norm5"
-    cam = CAMExplainer("gradcam")(model, x, torch.tensor([0, 1]), torch.tensor([FINDINGS.index("Effusion")] * 2))
+    cam = CAMExplainer("gradcam")(model, x, torch.tensor([0, 1]), torch.tensor([model.findings.index("Effusion")] * 2))
     assert cam.shape == (2, SMALL, SMALL) and torch.isfinite(cam).all()
 
     split = latent_split(model)
     assert split.layer == "backbone.features.transition1"
-    torch.testing.assert_close(split(x), model(x), equal_nan=True)
+    torch.testing.assert_close(split(x), model(x))
 
-    labels = torch.zeros(2, len(FINDINGS))
+    labels = torch.zeros(2, k)
     out = MultiLabelAttack("pgd", eps=0.05, alpha=None, steps=2)(model, x, labels)
-    # `top` attacks a finding the model predicts, never a NaN column
-    assert out.attacked[:, missing].sum() == 0 and out.attacked.sum(1).eq(1).all()
+    assert out.attacked.sum(1).eq(1).all()
     assert (out.images - x).abs().max() <= 0.05 + 1e-6
 
 
@@ -392,20 +393,28 @@ def test_evaluate_explains_and_attacks_a_pretrained_model_without_training(tmp_p
     finally:
         GlobalHydra.instance().clear()
     assert problems(results, EVALUATION) == []
-    missing = [f for f in FINDINGS if f not in CHEX_LIKE]
     run = results["run"]
     assert run["backbone"] == "xrv:random-densenet121" and run["checkpoint"] == "none"
-    assert run["missing_findings"] == missing
-    # missing findings are reported as missing, never scored
+    # the model's 9 labels: 7 aligned by name with NIH's 14, Lung Lesion and Fracture its own
+    assert run["labels"] == {
+        "model": "xrv:random-densenet121", "data": "nih14", "scored": CHEX_LIKE[:7], "model_only": ["Lung Lesion", "Fracture"],
+        "data_only": [f for f in FINDINGS if f not in CHEX_LIKE],
+    }
+    assert run["missing_findings"] == []
+    # scored: the shared labels; the model's own are explained and attacked, never scored
     auroc = results["classification"]["auroc"]
-    assert all(math.isnan(auroc[f]) for f in missing)
-    assert not math.isnan(results["classification"]["auroc_mean"])
-    assert all(math.isnan(results["attack"]["auroc"][f]) for f in missing)
+    assert [f for f in auroc if not f.endswith(("_ci_low", "_ci_high"))] == CHEX_LIKE
+    assert all(math.isnan(auroc[f]) for f in CHEX_LIKE[7:]) and not any(math.isnan(auroc[f]) for f in CHEX_LIKE[:7])
+    assert results["classification"]["auroc_mean"] == pytest.approx(sum(auroc[f] for f in CHEX_LIKE[:7]) / 7)
+    assert all(math.isnan(results["attack"]["auroc"][f]) for f in CHEX_LIKE[7:])
+    # the served test split holds the labels in the model's order, NaN for its own labels
     test = objects["datamodule"].dataset("test")
     present = [test[i] for i in range(len(test))]
+    assert all(it["labels"].shape == (9,) and it["labels"][7:].isnan().all() for it in present)
+    raw = objects["datamodule"]._dataset("test")
+    nih = [FINDINGS.index(f) for f in CHEX_LIKE[:7]]
     pairs = sum(
-        int(((it["labels"] > 0.5) & ~it["boxes"].isnan().any(-1))[[FINDINGS.index(f) for f in CHEX_LIKE[:7]]].sum())
-        for it in present
+        int(((raw[i]["labels"] > 0.5) & ~raw[i]["boxes"].isnan().any(-1))[nih].sum()) for i in range(len(raw))
     )
     assert results["localisation_pairs"] == pairs
     for name in ("ce", "max_prob", "noise_flip"):

@@ -102,6 +102,7 @@ class AttackEvaluation(nn.Module):
         n_boot: int = 2000,
         seed: int = 0,
         missing_findings: Sequence[str] = (),
+        unlabelled_findings: Sequence[str] = (),
     ):
         super().__init__()
         if not explainers:
@@ -115,6 +116,8 @@ class AttackEvaluation(nn.Module):
         self.attack = attack
         self.findings = tuple(findings)
         self.predicted = torch.tensor([f not in missing_findings for f in self.findings])
+        # outputs the data does not annotate are attacked (on the model's prediction) but not scored
+        self.scored = self.predicted & torch.tensor([f not in unlabelled_findings for f in self.findings])
         self.explainers = dict(explainers)
         self.features = features if features is not None else CEFeatureExtractor()
         # bad detection settings fail here, not after a whole test epoch of attacks
@@ -193,7 +196,7 @@ class AttackEvaluation(nn.Module):
         with torch.no_grad():
             logits_adv = classifier(adv.images)
         p_adv = logits_adv.sigmoid()
-        self.auroc_adv.update(p_adv.nan_to_num(0.0), labels.long())
+        self.auroc_adv.update(p_adv.nan_to_num(0.0), labels.nan_to_num(0.0).long())
         focus = _focus_finding(adv.attacked, p_clean)
         image_idx = torch.arange(len(focus), device=focus.device)
         boxes = batch["boxes"][image_idx, focus]
@@ -280,7 +283,7 @@ class AttackEvaluation(nn.Module):
         and what the figures and the transfer analysis need (arrays, ROC curves, DetectionData)."""
         rows = self.rows.compute().cpu().numpy()
         self.rows.reset()
-        auroc_mean, per_finding = finding_aurocs(self.auroc_adv.compute(), self.predicted)
+        auroc_mean, per_finding = finding_aurocs(self.auroc_adv.compute(), self.scored)
         self.auroc_adv.reset()
         if rows.size == 0:
             raise RuntimeError("attack evaluation saw no test images")

@@ -272,7 +272,8 @@ class MultiLabelAttack:
         return ATTACKS[self.name](model, **kwargs)
 
     def __call__(self, model: nn.Module, images: Tensor, labels: Tensor, findings: Sequence[str] | None = None) -> Adversarial:
-        """Attack ``images`` [N, C, H, W] in [0, 1] with true ``labels`` [N, K] (0/1).
+        """Attack ``images`` [N, C, H, W] in [0, 1] with true ``labels`` [N, K] (0/1; NaN: unknown,
+        then the model's prediction stands in).
 
         ``findings`` names the model's outputs (needed for a named target; defaults
         to ``model.findings``).
@@ -292,6 +293,9 @@ class MultiLabelAttack:
         n, k = clean_logits.shape
         if labels.shape != (n, k):
             raise ValueError(f"labels must be [N, K] = {(n, k)}, got {tuple(labels.shape)}")
+        # a label the data does not give (NaN: an output of the model's own label space that the
+        # data set does not annotate) is the model's own clean prediction, as attacks without labels do
+        labels = torch.where(torch.isnan(labels), (clean_logits > 0).to(labels.dtype), labels)
         names = findings if findings is not None else getattr(model, "findings", None)
         if names is None and self.target not in (*PER_IMAGE_TARGETS, "all"):
             raise ValueError(f"attack.target={self.target!r} needs the classifier's finding names (pass findings=)")

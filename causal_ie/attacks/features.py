@@ -35,7 +35,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from causal_ie.attacks.adaptive import straight_through_flip
-from causal_ie.data.findings import FINDINGS
 from causal_ie.interventions import InterventionSpec, latent_effect
 from causal_ie.interventions.engine import pixel_space_effects
 from causal_ie.interventions.windows import WindowGrid
@@ -45,10 +44,12 @@ PER_FINDING = ("max", "min", "l1", "flip")
 
 
 def region_features(
-    effects: Tensor, logits: Tensor, prefix: str, nearest: int = 3, differentiable: bool = False
+    effects: Tensor, logits: Tensor, prefix: str, nearest: int = 3, differentiable: bool = False,
+    names: Sequence[str] | None = None,
 ) -> dict[str, Tensor]:
     """Features [N] of effects [N, K, R] on logits [N, K] (see the module docstring); names
-    start with ``prefix``. NaN logits (findings the model does not predict) are left out.
+    start with ``prefix`` and name the findings by ``names`` (the model's labels; default
+    their indices). NaN logits (findings the model does not predict) are left out.
     ``differentiable``: the flip shares get the gradient of a sigmoid surrogate (BPDA), for an
     attacker who differentiates through the detector; their values are unchanged."""
     n, k, r = effects.shape
@@ -66,7 +67,7 @@ def region_features(
         "l1": effects.abs().mean(-1),
         "flip": flip,
     }
-    names = FINDINGS if k == len(FINDINGS) else tuple(str(i) for i in range(k))
+    names = tuple(str(i) for i in range(k)) if names is None or len(names) != k else tuple(names)
     features: dict[str, Tensor] = {}
     for stat, values in per.items():
         for j, name in enumerate(names):
@@ -163,7 +164,8 @@ class CEFeatureExtractor:
         views = self.effects(model, images, differentiable)
         features: dict[str, Tensor] = {}
         for name, effects in views.items():
-            features.update(region_features(effects, logits, f"{name}.", self.nearest, differentiable))
+            features.update(region_features(effects, logits, f"{name}.", self.nearest, differentiable,
+                                            getattr(model, "findings", None)))
         if "latent" in views:
             latent = views["latent"]
             cells = round(math.sqrt(latent.shape[-1]))

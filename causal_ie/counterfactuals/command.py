@@ -216,7 +216,7 @@ def run_counterfactuals(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]
     classifier = classifier.to(device=_device(cfg.trainer), dtype=weights_dtype)
     search_dtype = search_autocast_dtype(precision)
     datamodule = instantiate(cfg.data, _convert_="all")
-    check_compatible(classifier, datamodule, ckpt)
+    labels = check_compatible(classifier, datamodule, ckpt)  # the data now comes in the model's labels
     names = tuple(datamodule.findings)
     findings = target_findings(settings.get("finding"), names)
     missing = set(getattr(classifier, "missing_findings", ()))
@@ -246,6 +246,7 @@ def run_counterfactuals(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]
             "checkpoint": "none" if ckpt is None else str(ckpt),
             "data": datamodule.data_report(),
             "missing_findings": list(getattr(classifier, "missing_findings", ())),
+            "labels": labels.report(),
             "image_size": datamodule.image_size,
             "backbone": classifier.hparams.backbone,
             "direction": settings.direction,

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from causal_ie.attacks.wrapper import FindingLogits
 from causal_ie.counterfactuals.afw import auto_frank_wolfe, frank_wolfe
 from causal_ie.counterfactuals.lmo import check_p, lp_norm
-from causal_ie.data.findings import FINDINGS
+from causal_ie.data.findings import FINDINGS  # the names of a model that declares none
 from causal_ie.explain.metrics import box_masks
 from causal_ie.precision import full_precision
 from causal_ie.runtime import eval_mode, model_device, to_model
@@ -231,7 +231,7 @@ class CounterfactualGenerator:
         Args:
             model: images in [0,1] -> finding logits [B, K]; run in eval mode.
             finding: a name of ``findings`` (default: the model's ``findings``
-                or FINDINGS), an index, or one per image.
+                or NIH's 14 FINDINGS for a model that declares none), an index, or one per image.
             direction: ``add`` (raise y_k) or ``remove`` (lower it), or one per image.
             boxes: lesion boxes [B,4] for ``box_mass_share`` (NaN: none).
             marker_boxes: shortcut-marker boxes [B,4] for ``marker_mass_share`` (NaN: none).

@@ -5,9 +5,9 @@ on use so ``from causal_ie.data import FINDINGS`` stays light.
 """
 
 from causal_ie.data.errors import DataError
-from causal_ie.data.findings import FINDINGS, NUM_FINDINGS, finding_index
+from causal_ie.data.findings import FINDINGS, NIH14, NUM_FINDINGS, finding_index
 
-__all__ = ["FINDINGS", "NUM_FINDINGS", "DataError", "finding_index", "ChestXray14DataModule"]
+__all__ = ["FINDINGS", "NIH14", "NUM_FINDINGS", "DataError", "finding_index", "ChestXray14DataModule"]
 
 
 def __getattr__(name: str):

@@ -15,7 +15,9 @@ from torch import distributed as dist
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from causal_ie.data.errors import DataError
-from causal_ie.data.findings import FINDINGS
+from causal_ie.data.findings import NIH14
+from causal_ie.data.relabel import RelabelledDataset
+from causal_ie.labels import LabelAlignment, LabelSpace, align
 from causal_ie.data.transforms import BoxAwareAugment, TransformedDataset
 
 log = logging.getLogger(__name__)
@@ -27,9 +29,11 @@ SPLITS = ("train", "val", "test")
 class ChestXray14DataModule(L.LightningDataModule):
     """Train/val/test splits of one data source, as batches of sample dicts.
 
-    A batch holds ``image`` [B,1,S,S] in [0,1], ``labels`` [B,14], ``boxes``
-    [B,14,4] (x, y, w, h in pixels of the batch image; NaN where a finding has
-    no box), ``id`` and ``patient_id`` (lists of str).
+    A batch holds ``image`` [B,1,S,S] in [0,1], ``labels`` [B,K] (1/0, NaN: unknown),
+    ``boxes`` [B,K,4] (x, y, w, h in pixels of the batch image; NaN where a finding has
+    no box), ``id`` and ``patient_id`` (lists of str). K labels of :attr:`labels`
+    (NIH's 14 for every source here), or of a model's label space after
+    :meth:`align_labels`.
 
     Args:
         source: ``synthetic`` (default; generated, no download), ``nih`` (the
@@ -99,7 +103,8 @@ class ChestXray14DataModule(L.LightningDataModule):
         if test_subset is not None and int(test_subset) < 1:
             raise ValueError(f"data.test_subset must be >= 1 or null, got {test_subset}")
         self.test_subset = None if test_subset is None else int(test_subset)
-        self.findings = FINDINGS
+        self.labels: LabelSpace = NIH14
+        self.alignment: LabelAlignment | None = None
         self.augmentation = (
             BoxAwareAugment(
                 translate=augment_translate,
@@ -175,7 +180,7 @@ class ChestXray14DataModule(L.LightningDataModule):
         wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
         for split in wanted.get(stage, SPLITS):
             if split not in self.datasets:
-                self.dataset(split)
+                self._dataset(split)
                 log.info("%s split of %s: %d images", split, self.source, len(self.datasets[split]))
                 if len(self.datasets[split]) == 0:
                     raise DataError(
@@ -212,21 +217,46 @@ class ChestXray14DataModule(L.LightningDataModule):
         elif self.source == "synthetic":
             report = {"source": "synthetic", "splits": {s: {"images": int(n)} for s, n in self._synthetic_sizes().items()}}
         else:
-            report = {"source": self.source, "root": str(self.root), "splits": {s: {"images": len(self.dataset(s))} for s in SPLITS}}
+            report = {"source": self.source, "root": str(self.root), "splits": {s: {"images": len(self._dataset(s))} for s in SPLITS}}
         test = report["splits"]["test"]
         if self.test_subset is not None and self.test_subset < test["images"]:
             test["images_before_subset"] = test["images"]
             test["images"] = self.test_subset
             if self.source == "nih":
-                served = self.dataset("test")
+                served = self._dataset("test")
                 ids = [served.dataset.patient_ids[i] for i in served.indices]
                 boxes = served.dataset.boxes[list(served.indices)]
                 test["patients"] = len(set(ids))
                 test["with_boxes"] = int((~np.isnan(boxes).all(axis=(1, 2))).sum())
         return report
 
+    @property
+    def findings(self) -> tuple[str, ...]:
+        """The names of the labels the batches hold (the model's after :meth:`align_labels`)."""
+        return self.labels.names if self.alignment is None else self.alignment.model.names
+
+    def align_labels(self, model_labels: LabelSpace) -> LabelAlignment:
+        """Serve every split in ``model_labels``' order from now on (labels the data lacks are
+        NaN, its labels the model lacks are dropped); the alignment, for results.json.
+
+        Raises ValueError naming both spaces when they share no label."""
+        alignment = align(self.labels, model_labels)
+        if not alignment.scored:
+            raise ValueError(
+                f"the model's labels ({model_labels.name}: {', '.join(model_labels.names)}) share none with "
+                f"data.source={self.source!r} ({self.labels.name}: {', '.join(self.labels.names)}): nothing to score"
+            )
+        self.alignment = None if alignment.identity else alignment
+        return alignment
+
     def dataset(self, split: str) -> Dataset:
-        """The (unaugmented) data set of ``split``, built on first use."""
+        """The (unaugmented) data set of ``split``, built on first use, in the model's label
+        space after :meth:`align_labels`."""
+        ds = self._dataset(split)
+        return ds if self.alignment is None else RelabelledDataset(ds, self.alignment)
+
+    def _dataset(self, split: str) -> Dataset:
+        """The data set of ``split`` in the data's own label space."""
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         if split not in self.datasets:
@@ -237,11 +267,16 @@ class ChestXray14DataModule(L.LightningDataModule):
         return self.datasets[split]
 
     def label_matrix(self, split: str = "train") -> np.ndarray:
-        """All labels of a split as an (N, 14) array, without decoding images."""
-        ds = self.dataset(split)
+        """All labels of a split as an (N, K) array (the model's K after :meth:`align_labels`),
+        without decoding images."""
+        ds = self._dataset(split)
         if isinstance(ds, Subset):
-            return self.label_matrix_of(ds.dataset)[list(ds.indices)]
-        return self.label_matrix_of(ds)
+            labels = self.label_matrix_of(ds.dataset)[list(ds.indices)]
+        else:
+            labels = self.label_matrix_of(ds)
+        if self.alignment is not None:
+            labels = self.alignment.relabel(torch.as_tensor(labels, dtype=torch.float32))[0].numpy()
+        return labels
 
     @staticmethod
     def label_matrix_of(ds: Dataset) -> np.ndarray:

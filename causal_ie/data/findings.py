@@ -1,4 +1,8 @@
-"""The 14 ChestX-ray14 findings, in the CheXNet / NIH order used everywhere."""
+"""The 14 ChestX-ray14 findings, in the CheXNet / NIH order: the label space of NIH,
+SyntheticCXR and ChestMNIST (:data:`NIH14`). A model or another data set brings its own
+:class:`~causal_ie.labels.LabelSpace`."""
+
+from causal_ie.labels import LabelSpace
 
 FINDINGS: tuple[str, ...] = (
     "Atelectasis",
@@ -20,6 +24,8 @@ NUM_FINDINGS = len(FINDINGS)
 
 # Spellings found in the NIH files that differ from FINDINGS.
 ALIASES = {"Infiltrate": "Infiltration", "Pleural Thickening": "Pleural_Thickening"}
+
+NIH14 = LabelSpace(FINDINGS, "nih14", ALIASES)
 
 
 def finding_index(name: str) -> int:

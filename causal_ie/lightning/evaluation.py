@@ -133,6 +133,7 @@ class CEEvaluation(L.LightningModule):
         autoencoder_cache: AutoencoderCache | None = None,
         n_boot: int = 2000,
         seed: int = 0,
+        unlabelled_findings: Sequence[str] = (),
     ):
         super().__init__()
         if not explainers:
@@ -142,6 +143,9 @@ class CEEvaluation(L.LightningModule):
             p.requires_grad_(False)
         self.findings = tuple(classifier.findings)
         self.predicted = predicted_mask(classifier)  # findings a pretrained model lacks are not scored
+        # nor are the model's outputs that the data does not annotate (their labels are NaN):
+        # they are explained and attacked, and listed in results.json run.labels
+        self.scored = self.predicted & torch.tensor([f not in unlabelled_findings for f in self.findings])
         self.explainers = dict(explainers)
         self.thresholds = tuple(thresholds)
         self.auroc = MultilabelAUROC(num_labels=len(self.findings), average=None)
@@ -201,10 +205,11 @@ class CEEvaluation(L.LightningModule):
         # measurements are float32 under *-mixed too (causal_ie.precision); CE maps: the explainers
         with torch.no_grad(), full_precision(self.device):
             probs = self.classifier(images).sigmoid()
-        self.auroc.update(probs.nan_to_num(0.0), labels.long())
+        known = labels.nan_to_num(0.0)  # unknown labels only occur in unscored columns
+        self.auroc.update(probs.nan_to_num(0.0), known.long())
         self._images_seen += images.shape[0]
         patients = patient_codes(batch, images.device)
-        self.image_rows.update(torch.cat([patients[:, None], probs.nan_to_num(0.0).double(), labels.double()], 1))
+        self.image_rows.update(torch.cat([patients[:, None], probs.nan_to_num(0.0).double(), known.double()], 1))
         img_idx, finding_idx = box_pairs(labels, boxes, self.predicted)
         # the attack study needs every finding's clean CE map; the box pairs are a selection of them
         clean_maps = {}
@@ -254,7 +259,7 @@ class CEEvaluation(L.LightningModule):
             )
 
     def on_test_epoch_end(self) -> None:
-        auroc_mean, per_finding = finding_aurocs(self.auroc.compute(), self.predicted)
+        auroc_mean, per_finding = finding_aurocs(self.auroc.compute(), self.scored)
         self.auroc.reset()
         results: dict[str, Any] = {
             "classification": {
@@ -302,7 +307,7 @@ class CEEvaluation(L.LightningModule):
         if len(images):
             groups = [str(int(g)) for g in images[:, 0]]
             bounds = classification_intervals(
-                images[:, 1 : 1 + k], images[:, 1 + k :], groups, self.predicted.numpy(), self.findings,
+                images[:, 1 : 1 + k], images[:, 1 + k :], groups, self.scored.numpy(), self.findings,
                 self.n_boot, self.seed,
             )
             per_finding = bounds.pop("auroc")

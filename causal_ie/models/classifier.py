@@ -12,7 +12,8 @@ import torch
 from torch import nn
 from torchmetrics.classification import MultilabelAUROC
 
-from causal_ie.data.findings import FINDINGS
+from causal_ie.data.findings import NIH14
+from causal_ie.labels import LabelSpace
 from causal_ie.models.backbone import Normalize, create_backbone
 
 if TYPE_CHECKING:  # imported lazily at run time: causal_ie.attacks may import the models
@@ -144,7 +145,11 @@ class Classifier(L.LightningModule):
         backbone: timm model name (``densenet121``, ``resnet18``, ...).
         pretrained: load timm hub weights (needs the hub).
         checkpoint: local weights file for the backbone (wins over ``pretrained``).
-        findings: names of the outputs, in order (the data's FINDINGS).
+        labels: the outputs' label space (a :class:`~causal_ie.labels.LabelSpace`, its
+            ``as_dict`` or a list of names), in order: train.py passes the data's. Kept in
+            the checkpoint. Default: NIH's 14 findings.
+        findings: the output names alone, as checkpoints before label spaces stored them
+            (ignored when ``labels`` is given).
         image_size: the size the model is trained at; recorded in the
             checkpoint so evaluation can check it fits the data.
         pos_weight: per-finding positive weights for BCE (list), or None.
@@ -163,7 +168,8 @@ class Classifier(L.LightningModule):
         backbone: str = "resnet18",
         pretrained: bool = False,
         checkpoint: str | None = None,
-        findings: Sequence[str] = FINDINGS,
+        labels: LabelSpace | Mapping[str, Any] | Sequence[str] | None = None,
+        findings: Sequence[str] | None = None,
         in_chans: int = 1,
         image_size: int | None = None,
         mean: float | list[float] = 0.449,
@@ -179,7 +185,10 @@ class Classifier(L.LightningModule):
         channels_last: bool = False,
     ):
         super().__init__()
-        findings = [str(f) for f in findings]
+        if labels is None:
+            labels = NIH14 if findings is None else LabelSpace(tuple(findings), "checkpoint")
+        self.labels = LabelSpace.from_value(labels)
+        findings = list(self.labels.names)
         if pos_weight is not None and len(pos_weight) != len(findings):
             raise ValueError(
                 f"model.pos_weight has {len(pos_weight)} values, expected one per finding ({len(findings)})"
@@ -193,7 +202,7 @@ class Classifier(L.LightningModule):
                 backbone=backbone,
                 pretrained=bool(pretrained),
                 checkpoint=None if checkpoint is None else str(checkpoint),
-                findings=findings,
+                labels=self.labels.as_dict(),
                 in_chans=int(in_chans),
                 image_size=None if image_size is None else int(image_size),
                 mean=mean if isinstance(mean, float | int) else [float(m) for m in mean],

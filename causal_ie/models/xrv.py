@@ -3,9 +3,11 @@
 Researchers mostly explain models someone else trained. :class:`XRVClassifier`
 wraps a torchxrayvision network so CE, CAMs, attacks and counterfactuals use it
 exactly like a trained :class:`~causal_ie.models.Classifier`: ``forward`` takes
-[N, 1, H, W] images in [0, 1] and returns one logit per finding of
-:data:`~causal_ie.data.FINDINGS`, NaN for the findings the network does not
-predict.
+[N, 1, H, W] images in [0, 1] and returns one logit per label the network predicts,
+in its own label space (:attr:`XRVClassifier.labels`: 18 labels for
+``densenet121-res224-all``, among them Lung Opacity and Fracture; the unnamed outputs
+of a CheXpert model are left out). An evaluation on a data set aligns the data's
+labels to these by name (:func:`causal_ie.labels.align`).
 
 Why the network's own ``forward`` is not used: with ``op_threshs`` set (every
 pretrained weights file) torchxrayvision returns piecewise-linearly rescaled
@@ -40,7 +42,7 @@ from lightning.fabric.utilities.data import AttributeDict
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from causal_ie.data.findings import ALIASES, FINDINGS
+from causal_ie.labels import LabelSpace
 
 # torchxrayvision's input range: images scaled from [0, maxval] to [-1024, 1024] (xrv.datasets.normalize)
 XRV_MAX = 1024.0
@@ -177,7 +179,7 @@ def read_weights(path: Path, source: str) -> dict[str, Tensor]:
 
 
 class XRVClassifier(nn.Module):
-    """A torchxrayvision classifier with the project's contract: [0, 1] images in, FINDINGS logits out.
+    """A torchxrayvision classifier with the project's contract: [0, 1] images in, one logit per label out.
 
     Args:
         weights: a torchxrayvision weights name (``densenet121-res224-all``, ``-nih``,
@@ -195,11 +197,12 @@ class XRVClassifier(nn.Module):
             weights' native 224 or 512; 224 for random weights).
 
     Attributes:
-        findings: the 14 FINDINGS, the output columns.
-        missing_findings: the findings the network does not predict (their column is NaN).
+        labels: the output columns' label space: the network's named outputs, in its order.
+        findings: their names (``labels.names``).
+        missing_findings: always empty: outputs the network does not predict are not columns.
         pathologies: the network's own output names (torchxrayvision's spelling, '' unused).
-        operating_points: torchxrayvision's per-finding operating point (a probability; the
-            calibrated output is 0.5 there), NaN where missing or unknown.
+        operating_points: torchxrayvision's per-output operating point (a probability; the
+            calibrated output is 0.5 there), NaN where unknown.
         weights_file: the file the weights came from (None for random weights).
         hparams: ``backbone`` (``xrv:<weights>``), ``image_size`` (None: any size is resized)
             and the constructor's settings, readable as attributes or with ``.get``.
@@ -245,7 +248,6 @@ class XRVClassifier(nn.Module):
         self.weights_file = weights_file
         self.input_resolution = resolution
         self.pathologies = tuple(str(p) for p in names)
-        self.findings: tuple[str, ...] = FINDINGS
         self.backbone = build_network(arch, len(self.pathologies))
         # the layer CAMs pick with cam_layer=auto (timm's convention, as timm's DenseNet: the last norm)
         if arch == "densenet121":
@@ -265,31 +267,28 @@ class XRVClassifier(nn.Module):
                     f"name the file belongs to (with weights=random: model.arch and model.pathologies)"
                 ) from None
 
-        # column j of the output is network output column_index[j]; index len(pathologies) is the NaN pad
-        position = {ALIASES.get(p, p): i for i, p in reversed(list(enumerate(self.pathologies))) if p}
-        missing_index = len(self.pathologies)
+        # output column j is network output column_index[j]: the named outputs, in the network's order
+        named = [i for i, p in enumerate(self.pathologies) if p]
+        backbone = f"xrv:{weights if weights != RANDOM else f'{RANDOM}-{arch}'}"
+        self.labels = LabelSpace(tuple(self.pathologies[i] for i in named), backbone)
+        self.findings: tuple[str, ...] = self.labels.names
+        self.missing_findings: tuple[str, ...] = ()
         self.register_buffer(
-            "column_index", torch.tensor([position.get(f, missing_index) for f in FINDINGS]), persistent=False
+            "column_index", None if len(named) == len(self.pathologies) else torch.tensor(named), persistent=False
         )
-        self.missing_findings: tuple[str, ...] = tuple(f for f in FINDINGS if f not in position)
-        points = [float("nan")] * len(FINDINGS)
-        if thresholds is not None:
-            for j, finding in enumerate(FINDINGS):
-                if finding in position:
-                    points[j] = float(thresholds[position[finding]])
+        points = [float("nan") if thresholds is None else float(thresholds[i]) for i in named]
         self.register_buffer("operating_points", torch.tensor(points), persistent=False)
 
         self.hparams = AttributeDict(
-            backbone=f"xrv:{weights if weights != RANDOM else f'{RANDOM}-{arch}'}",
+            backbone=backbone,
             image_size=None,
             weights=weights,
             arch=arch,
             checkpoint=None if checkpoint is None else str(checkpoint),
             weights_file=None if weights_file is None else str(weights_file),
             input_resolution=resolution,
-            findings=list(self.findings),
+            labels=self.labels.as_dict(),
             pathologies=list(self.pathologies),
-            missing_findings=list(self.missing_findings),
         )
         self.requires_grad_(False)  # evaluation only; input gradients still flow
         self.eval()
@@ -335,11 +334,9 @@ class XRVClassifier(nn.Module):
         return self.backbone(x)
 
     def forward(self, x: Tensor) -> Tensor:
-        """Logits [N, 14] in FINDINGS order of [N, 1, H, W] images in [0, 1]; NaN in missing columns."""
+        """Logits [N, len(labels)] of [N, 1, H, W] images in [0, 1], in :attr:`labels` order."""
         logits = self.network_logits(self.network_input(x))
-        padded = F.pad(logits, (0, 1), value=float("nan"))
-        return padded.index_select(1, self.column_index)
+        return logits if self.column_index is None else logits.index_select(1, self.column_index)
 
     def extra_repr(self) -> str:
-        missing = f", missing={list(self.missing_findings)}" if self.missing_findings else ""
-        return f"weights={self.weights!r}, arch={self.arch}, input_resolution={self.input_resolution}{missing}"
+        return f"weights={self.weights!r}, arch={self.arch}, input_resolution={self.input_resolution}, labels={len(self.labels)}"
