@@ -52,8 +52,8 @@ def test_results_are_written_atomically_and_report_links_figures(tmp_path):
     report = write_report(tmp_path, _results(0.75, 0.5), [section], {section.name: {"maps": fig}}).read_text()
     assert "![maps](figures/maps.png)" in report
     ce_row = next(line for line in report.splitlines() if line.startswith("| ce |"))
-    # pointing game, energy pointing game (not given: nan), iobb@0.1, ...; then deletion/insertion AUC
-    assert ce_row.startswith("| ce | 0.750 | nan | 0.500 |") and ce_row.endswith("| 0.200 | 0.700 |")
+    # pointing game, energy pointing game (not given: n/a), iobb@0.1, ...; then deletion/insertion AUC
+    assert ce_row.startswith("| ce | 0.750 | n/a | 0.500 |") and ce_row.endswith("| 0.200 | 0.700 |")
     assert "| Mass | 1.000 |" in report
 
 
@@ -183,3 +183,41 @@ def test_adaptive_section_labels_each_detector_by_its_intervals():
     assert "20 steps, selective" in text
     assert "| adaptive minus non-adaptive | 0.800 [0.500, 1.000] |" in text
     assert "evasion" not in text.split("| detector |")[1].split("What a defender pays")[0]  # no row for it
+
+
+def test_every_interval_sits_in_its_values_cell(tmp_path):
+    from causal_ie.attacks.report import AttackReport
+    from causal_ie.explain.figures import plot_method_scores
+
+    results = {
+        "run": {"checkpoint": "none", "approx": {"speedup": 2.5, "speedup_ci_low": 2.0, "speedup_ci_high": 3.0}},
+        "classification": {
+            "auroc_mean": 0.9981, "auroc_mean_ci_low": 0.9894, "auroc_mean_ci_high": 1.0, "num_images": 40,
+            "auroc": {"Atelectasis": 0.8, "Atelectasis_ci_low": 0.7, "Atelectasis_ci_high": 0.9, "Mass": float("nan")},
+        },
+        "localisation": {
+            "ce": {"pointing_game": 0.75, "pointing_game_ci_low": 0.6, "pointing_game_ci_high": 0.875,
+                   "iobb@0.5": 0.5, "iobb@0.5_ci_low": 0.25, "iobb@0.5_ci_high": 0.625,
+                   "minus": {"gradcam": {"pointing_game": 0.25, "pointing_game_ci_low": 0.05, "pointing_game_ci_high": 0.45}}},
+            "gradcam": {"pointing_game": 0.5, "pointing_game_ci_low": 0.3, "pointing_game_ci_high": 0.7},
+        },
+        "localisation_pairs": 20,
+        "attack": {"name": "pgd", "mode": "untargeted", "target": "top", "norm": "Linf", "eps": 0.008,
+                   "success_rate": 0.9, "success_rate_ci_low": 0.8, "success_rate_ci_high": 0.95,
+                   "eligible_images": 20, "num_images": 20, "flip_rate": 0.5, "auroc_mean": 0.4},
+    }
+    sections = [LocalisationReport(), AttackReport()]
+    report = write_report(tmp_path, results, sections, {}).read_text()
+    assert "_ci_" not in report  # no bound gets a row or a column of its own
+    rows = report.splitlines()
+    assert "| Atelectasis | 0.800 [0.700, 0.900] |" in rows
+    assert "| Mass | n/a |" in rows
+    assert "| mean | 0.998 [0.989, 1.000] |" in rows
+    assert "| approx.speedup | 2.500 [2.000, 3.000] |" in rows
+    ce = next(r for r in rows if r.startswith("| ce |"))
+    assert ce.startswith("| ce | 0.750 [0.600, 0.875] | n/a |") and "| 0.500 [0.250, 0.625] |" in ce
+    assert "| ce | gradcam | 0.250 [0.050, 0.450] |" in rows
+    assert any(r.startswith("| 0.900 [0.800, 0.950] | 20 / 20 | 0.500 | 0.998 [0.989, 1.000] | 0.400 |") for r in rows)
+    # the bar chart draws the same intervals as error bars
+    path = plot_method_scores(results, tmp_path / "method_scores.png")
+    assert path.stat().st_size > 1000

@@ -19,7 +19,7 @@ from causal_ie.attacks.figures import (
 )
 from causal_ie.io import atomic_write_text
 from causal_ie.outputs.report import Figures
-from causal_ie.outputs.tables import fmt, fmt_interval, markdown_table
+from causal_ie.outputs.tables import fmt, markdown_table, result_cell, result_cells
 
 log = logging.getLogger(__name__)
 
@@ -42,17 +42,16 @@ class AttackReport:
         if not attack:
             return []
         pert = attack.get("perturbation", {})
-        clean_auroc = results.get("classification", {}).get("auroc_mean", float("nan"))
-        nan = float("nan")
         parts = [
             f"## Adversarial attack: {attack['name']} ({attack['mode']}, target {attack['target']}, "
             f"{attack['norm']} eps {fmt(attack['eps'])})",
             "",
             markdown_table(
                 ["success rate", "eligible images", "flip rate", "mean AUROC clean", "mean AUROC attacked", "L-inf", "L2", "L0 share"],
-                [[attack["success_rate"], f"{attack['eligible_images']} / {attack['num_images']}", attack["flip_rate"],
-                  clean_auroc, attack["auroc_mean"], fmt(pert.get("linf", nan), 4), fmt(pert.get("l2", nan), 4),
-                  pert.get("l0", nan)]],
+                [[result_cell(attack, "success_rate"), f"{attack['eligible_images']} / {attack['num_images']}",
+                  result_cell(attack, "flip_rate"), result_cell(results.get("classification", {}), "auroc_mean"),
+                  result_cell(attack, "auroc_mean"), result_cell(pert, "linf", 4), result_cell(pert, "l2", 4),
+                  result_cell(pert, "l0")]],
             ),
             "",
             "Success rate: among images the attack could change (untargeted: the attacked findings were "
@@ -64,7 +63,7 @@ class AttackReport:
         under = results.get("ce_under_attack", {})
         if under:
             rows = [
-                [method, stat, v.get("clean_mean", nan), v.get("adv_mean", nan), v.get("separation_auroc", nan)]
+                [method, stat, *(result_cell(v, k) for k in ("clean_mean", "adv_mean", "separation_auroc"))]
                 for method, stats in under.items()
                 for stat, v in stats.items()
             ]
@@ -81,9 +80,7 @@ class AttackReport:
                   and "skipped" not in det}
         if scored:
             rows = [
-                [k, fmt_interval(v.get("auroc", nan), v.get("auroc_ci_low"), v.get("auroc_ci_high")),
-                 fmt_interval(v.get("tpr@5fpr", nan), v.get("tpr@5fpr_ci_low"), v.get("tpr@5fpr_ci_high")),
-                 v.get("n_test", "?"), v.get("n_train", "?")]
+                [k, result_cell(v, "auroc"), result_cell(v, "tpr@5fpr"), v.get("n_test", "?"), v.get("n_train", "?")]
                 for k, v in scored.items()
                 if k not in ("changed_pairs", "adaptive")
             ]
@@ -106,11 +103,9 @@ class AttackReport:
     @staticmethod
     def _differences(scored: Mapping[str, Any]) -> list[str]:
         rows = [
-            [name, baseline, fmt_interval(v[baseline], v.get(f"{baseline}_ci_low"), v.get(f"{baseline}_ci_high"))]
+            [name, baseline, cell]
             for name, scores in scored.items()
-            for v in [scores.get("auroc_minus", {})]
-            for baseline in v
-            if not baseline.endswith(("_ci_low", "_ci_high"))
+            for baseline, cell in result_cells(scores.get("auroc_minus", {}))
         ]
         if not rows:
             return []
@@ -139,8 +134,8 @@ class AttackReport:
             )
             rows.append([
                 name,
-                fmt_interval(before.get("auroc"), before.get("auroc_ci_low"), before.get("auroc_ci_high")),
-                fmt_interval(v["auroc"], v.get("auroc_ci_low"), v.get("auroc_ci_high")),
+                result_cell(before, "auroc"),
+                result_cell(v, "auroc"),
                 v.get("n_test", "?"),
                 "non-adaptive attacker only" if drop else
                 ("holds" if name == attacked else "holds (not the detector attacked)"),
@@ -165,7 +160,7 @@ class AttackReport:
         if not evasion:
             return []
         rates = [
-            [label, fmt_interval(evasion.get(key), evasion.get(f"{key}_ci_low"), evasion.get(f"{key}_ci_high"))]
+            [label, result_cell(evasion, key)]
             for key, label in (("non_adaptive", "non-adaptive attack"), ("adaptive", "adaptive attack"),
                                ("difference", "adaptive minus non-adaptive"))
         ]

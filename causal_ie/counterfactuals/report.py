@@ -8,7 +8,7 @@ from typing import Any
 
 from causal_ie.counterfactuals.figures import plot_counterfactuals, plot_mass_shares
 from causal_ie.outputs.report import Figures
-from causal_ie.outputs.tables import markdown_table
+from causal_ie.outputs.tables import markdown_table, result_cell, results_table
 
 COLUMNS = ("n", "confidence_before", "confidence_after", "success_rate", "l0", "l1_5", "box_mass_share")
 
@@ -29,7 +29,6 @@ class CounterfactualReport:
         if not summary:
             return []
         cols = [c for c in COLUMNS if any(c in s for s in summary.values())]
-        nan = float("nan")
         parts = [
             "## Counterfactuals",
             "",
@@ -37,14 +36,14 @@ class CounterfactualReport:
             "crossed 0.5 in the asked direction; l0/l1_5: size of the change; box_mass_share: share of "
             "the change inside the lesion box.",
             "",
-            markdown_table(["method", *cols], ([m, *(s.get(c, nan) for c in cols)] for m, s in summary.items())),
+            results_table("method", summary, cols),
             "",
         ]
         shortcut = {m: s["shortcut"] for m, s in summary.items() if "shortcut" in s}
         if shortcut:
             finding = next(iter(shortcut.values()))["finding"]
             rows = [
-                [m, v["marker_mass_share"], v["marker_mass_share_other_findings"],
+                [m, result_cell(v, "marker_mass_share"), result_cell(v, "marker_mass_share_other_findings"),
                  f"{v['n_with_marker']} / {v['n_with_marker_other_findings']}"]
                 for m, v in shortcut.items()
             ]

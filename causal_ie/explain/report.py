@@ -8,22 +8,42 @@ from typing import Any
 
 from causal_ie.explain.figures import plot_examples, plot_method_scores
 from causal_ie.outputs.report import Figures
-from causal_ie.outputs.tables import fmt, markdown_table
+from causal_ie.outputs.tables import markdown_table, result_cell, result_cells, results_table, value_columns
 
 TABLE_THRESHOLDS = (0.1, 0.3, 0.5, 0.7)
 
 
 def method_table(results: Mapping[str, Any], thresholds: Sequence[float] = TABLE_THRESHOLDS) -> str:
-    """Localisation and faithfulness per explanation method."""
+    """Localisation and faithfulness per explanation method, each score with its 95 % interval
+    where results.json holds one."""
     loc = results.get("localisation", {})
     faith = results.get("faithfulness", {})
     cols = ["pointing_game", "energy_pointing_game", *(f"iobb@{t:g}" for t in thresholds), *(f"iou@{t:g}" for t in thresholds)]
-    nan = float("nan")
-    rows = [
-        [m, *(loc.get(m, {}).get(c, nan) for c in cols), *(faith.get(m, {}).get(c, nan) for c in ("deletion_auc", "insertion_auc"))]
-        for m in dict.fromkeys([*loc, *faith])
-    ]
-    return markdown_table(["method", *cols, "deletion_auc", "insertion_auc"], rows)
+    rows = {m: {**loc.get(m, {}), **faith.get(m, {})} for m in dict.fromkeys([*loc, *faith])}
+    return results_table("method", rows, [*cols, "deletion_auc", "insertion_auc"])
+
+
+def difference_table(results: Mapping[str, Any]) -> str | None:
+    """Every CE method's ``minus.<method>`` differences (pointing game, IoBB@T) to each other
+    method on the same pairs, with their paired intervals; None when there are none."""
+    rows = {
+        (method, other): diff
+        for method, scores in results.get("localisation", {}).items()
+        for other, diff in scores.get("minus", {}).items()
+    }
+    if not rows:
+        return None
+    cols = value_columns(rows.values())
+    return markdown_table(
+        ["CE method", "minus method", *cols],
+        ([method, other, *(result_cell(diff, c) for c in cols)] for (method, other), diff in rows.items()),
+    )
+
+
+def classification_table(cls: Mapping[str, Any]) -> str:
+    """AUROC per finding, then their mean, each with its interval."""
+    rows = [*result_cells(cls.get("auroc", {})), ("mean", result_cell(cls, "auroc_mean"))]
+    return markdown_table(["finding", "AUROC"], rows)
 
 
 class LocalisationReport:
@@ -44,9 +64,10 @@ class LocalisationReport:
         parts: list[str] = []
         cls = results.get("classification", {})
         if cls:
-            parts += [f"Classification: mean AUROC {fmt(cls.get('auroc_mean'))} on {cls.get('num_images', '?')} test images.", ""]
+            parts += [f"Classification: mean AUROC {result_cell(cls, 'auroc_mean')} on {cls.get('num_images', '?')} "
+                      "test images (brackets: 95 % patient-bootstrap intervals).", ""]
             if cls.get("auroc"):
-                parts += [markdown_table(["finding", "AUROC"], cls["auroc"].items()), ""]
+                parts += [classification_table(cls), ""]
         if results.get("localisation") or results.get("faithfulness"):
             parts += [
                 f"## Localisation and faithfulness ({results.get('localisation_pairs', '?')} image-finding pairs with a box)",
@@ -54,11 +75,21 @@ class LocalisationReport:
                 "Pointing game: share of maps whose maximum lies in the box. IoBB/IoU@T: overlap of the "
                 "boxes around the map's regions above T (min-max normalised map) with the lesion box "
                 "(Wang et al. 2017). Deletion/insertion AUC: prediction of the finding as pixels are "
-                "removed/inserted in map order (lower/higher is better).",
+                "removed/inserted in map order (lower/higher is better). Brackets: 95 % patient-bootstrap "
+                "intervals.",
                 "",
                 method_table(results),
                 "",
             ]
+            differences = difference_table(results)
+            if differences:
+                parts += [
+                    "Differences on the same pairs (CE method minus the other method; 95 % paired "
+                    "patient-bootstrap intervals):",
+                    "",
+                    differences,
+                    "",
+                ]
         return parts
 
     def write_artefacts(self, out_dir: Path, results: Mapping[str, Any], artefacts: Mapping[str, Any]) -> Figures:

@@ -10,7 +10,8 @@ them to :func:`~causal_ie.outputs.report.write_report` and
 - ``results``: results.json (atomic) and :func:`flatten`;
 - ``schema``: every results.json key and what it means (docs/results.md is rendered from it);
 - ``plots``: saving figures, boxes, the colour scales of signed and non-negative maps;
-- ``tables``: markdown tables and number formatting;
+- ``tables``: markdown tables and number formatting; :func:`~causal_ie.outputs.tables.result_cells`
+  folds every ``<key>_ci_low`` / ``<key>_ci_high`` into its key's cell, ``0.832 [0.784, 0.875]``;
 - ``report``: report.md from sections;
 - ``sweeps``: one table and plots per Hydra multirun.
 """

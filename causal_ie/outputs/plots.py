@@ -6,14 +6,17 @@
   eye: signed maps (CE: removing a region can raise a prediction) on a diverging
   map centred at 0 (matplotlib's ``CenteredNorm``), non-negative maps (CAMs) from 0;
 - :func:`show_map`: a map on its scale with the grey image faintly on top, the
-  box and a small colour bar.
+  box and a small colour bar;
+- :func:`interval_bars`: bars with their 95 % intervals as asymmetric error bars
+  (from results.json's ``<key>_ci_low`` / ``<key>_ci_high``; see :func:`interval_of`).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -25,6 +28,7 @@ from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 
 from causal_ie.io import atomic_open  # noqa: E402
+from causal_ie.outputs.tables import CI_HIGH, CI_LOW  # noqa: E402
 
 SIGNED_CMAP = "RdBu_r"  # red: the region supports the finding, blue: it speaks against it
 UNSIGNED_CMAP = "inferno"  # CAMs and other maps without sign
@@ -108,3 +112,37 @@ def hide_ticks(axes) -> None:
     for ax in np.asarray(axes).flat:
         ax.set_xticks([])
         ax.set_yticks([])
+
+
+def interval_of(results: Mapping[str, Any], key: str) -> tuple[float, float, float]:
+    """``(value, low, high)`` of ``key`` in ``results`` (the mapping holding it and its
+    ``_ci_low`` / ``_ci_high`` siblings); NaN for whatever is absent."""
+
+    def get(name: str) -> float:
+        value = results.get(name)
+        return float("nan") if value is None else float(value)
+
+    return get(key), get(f"{key}{CI_LOW}"), get(f"{key}{CI_HIGH}")
+
+
+def interval_bars(
+    ax,
+    labels: Sequence[str],
+    values: Sequence[float],
+    lows: Sequence[float],
+    highs: Sequence[float],
+    colors: Sequence[str] | str | None = None,
+):
+    """One bar per label and, where both bounds are finite, its interval as an asymmetric
+    black error bar with caps (no error bar where there is no interval). Returns the bars."""
+    x = np.arange(len(labels))
+    values, lows, highs = (np.asarray(a, dtype=float) for a in (values, lows, highs))
+    bars = ax.bar(x, values, color=colors)
+    has = np.isfinite(values) & np.isfinite(lows) & np.isfinite(highs)
+    if has.any():
+        below = np.clip(values[has] - lows[has], 0, None)  # a bound on the wrong side: no negative arm
+        above = np.clip(highs[has] - values[has], 0, None)
+        ax.errorbar(x[has], values[has], yerr=np.stack([below, above]), fmt="none", ecolor="black",
+                    elinewidth=1, capsize=3)
+    ax.set_xticks(x, list(labels))
+    return bars

@@ -1,8 +1,9 @@
 """report.md: a title, the run's settings, then one section per experiment with its figures.
 
 An experiment contributes a :class:`ReportSection`: the markdown it adds for
-the results it produced, and the artefacts (figures, data files) it writes from
-what the run kept in memory. The entry point that composed the run passes its
+the results it produced (cells from :mod:`causal_ie.outputs.tables`, which shows
+every interval in its value's cell), and the artefacts (figures, data files) it
+writes from what the run kept in memory. The entry point that composed the run passes its
 sections to :func:`write_artefacts` and :func:`write_report`; this module never
 imports an experiment.
 """
@@ -14,8 +15,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from causal_ie.io import atomic_write_text
-from causal_ie.outputs.results import flatten
-from causal_ie.outputs.tables import markdown_table
+from causal_ie.outputs.tables import markdown_table, result_cells
 
 REPORT_FILE = "report.md"
 
@@ -53,7 +53,7 @@ def run_table(results: Mapping[str, Any]) -> list[str]:
     run = results.get("run")
     if not run:
         return []
-    return [markdown_table(["setting", "value"], flatten(run).items()), ""]
+    return [markdown_table(["setting", "value"], result_cells(run)), ""]
 
 
 def figure_lines(out_dir: Path, figures: Mapping[str, Path]) -> list[str]:

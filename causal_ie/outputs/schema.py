@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Union
 
-from causal_ie.outputs.tables import markdown_table
+from causal_ie.outputs.tables import CI_SUFFIXES, markdown_table
 
 
 @dataclass(frozen=True)
@@ -36,7 +36,6 @@ Tree = Mapping[str, Union[Key, "Tree"]]
 
 _PLACEHOLDER = re.compile(r"<([a-zA-Z_]+)>")
 _NUMBER = r"[0-9]+(?:\.[0-9]+)?"
-CI_SUFFIXES = ("_ci_low", "_ci_high")
 
 # -- evaluate.py -----------------------------------------------------------------------------
 RECONSTRUCTION: Tree = {
@@ -88,10 +87,19 @@ APPROX_ERROR: Tree = {
     "rounds": Key(int, "drilldown: most rounds of stage 3 (estimated windows under each map's maximum computed)"),
 }
 
+LABELS: Tree = {
+    "model": Key(str, "the classifier's label space (nih14, xrv:<weights>, ...)"),
+    "data": Key(str, "the data set's label space"),
+    "scored": Key(list, "the model's labels the data annotates, aligned by name (aliases and merges): the scored ones"),
+    "model_only": Key(list, "the model's labels the data does not annotate: explained and attacked, not scored"),
+    "data_only": Key(list, "the data's labels the model does not predict: not scored"),
+}
+
 EVALUATION_RUN: Tree = {
     "checkpoint": Key(str, "the classifier's checkpoint or weights file (none: random weights)"),
     "data": DATA_REPORT,
     "missing_findings": Key(list, "findings the classifier does not predict (a pretrained model's gaps): not scored"),
+    "labels": LABELS,
     "image_size": Key(int, "side of the square test images in pixels, the resolution of every map"),
     "mask": Key(str, "region kind of the main CE (patch, pixel, superpixel, latent), or none"),
     "backbone": Key(str, "the classifier's backbone (timm name, or xrv:<weights>)"),
@@ -230,6 +238,7 @@ COUNTERFACTUAL: Tree = {
         "checkpoint": Key(str, "the classifier's checkpoint or weights file (none: random weights)"),
         "data": DATA_REPORT,
         "missing_findings": Key(list, "findings the classifier does not predict: no counterfactuals for them"),
+    "labels": LABELS,
         "image_size": Key(int, "side of the square images in pixels"),
         "backbone": Key(str, "the classifier's backbone"),
         "direction": Key(str, "remove or add the finding"),

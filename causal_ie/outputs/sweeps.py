@@ -18,7 +18,7 @@ import yaml
 from causal_ie.io import atomic_write_text
 from causal_ie.outputs.plots import plt, save_figure
 from causal_ie.outputs.results import RESULTS_FILE, flatten
-from causal_ie.outputs.tables import markdown_table
+from causal_ie.outputs.tables import fold_intervals, is_interval_bound, is_missing, markdown_table
 
 SUMMARY_MD, SUMMARY_CSV = "summary.md", "summary.csv"
 
@@ -82,17 +82,24 @@ def summarize(
 ) -> dict[str, Path]:
     """Write ``summary.csv``, ``summary.md`` and ``summary_<setting>.png`` into the sweep
     directory; ``metrics`` are the flattened result keys shown (those present; default: the
-    first six), then each extension's files and lines."""
+    first six), then each extension's files and lines.
+
+    Both files show a value with a 95 % interval as one cell, ``0.832 [0.784, 0.875]``
+    (:func:`causal_ie.outputs.tables.fold_intervals`): no ``_ci_low`` / ``_ci_high`` columns.
+    summary.csv keeps every other value as results.json has it."""
     sweep_dir = Path(sweep_dir)
     df = collect_sweep(sweep_dir)
     overrides = [c for c in df.attrs.get("overrides", []) if c in df.columns]
-    metric_cols = [c for c in df.columns if c not in overrides and c not in ("run", "status")]
+    metric_cols = [c for c in df.columns if c not in overrides and c not in ("run", "status") and not is_interval_bound(c)]
     params = swept_settings(df)
     shown = [m for m in (metrics or ()) if m in df.columns] or metric_cols[:6]
     out = {"csv": sweep_dir / SUMMARY_CSV, "md": sweep_dir / SUMMARY_MD}
-    atomic_write_text(out["csv"], df.to_csv(index=False))
-    table = df[["run", *params, "status", *shown]]
-    lines = [f"# Sweep {sweep_dir.name}", "", markdown_table(table.columns, table.itertuples(index=False))]
+    # each run's own keys (the frame has NaN where a run lacks one), each interval in its value's cell
+    folded = [fold_intervals({k: v for k, v in row.items() if not is_missing(v)}) for row in df.to_dict("records")]
+    csv_columns = [c for c in df.columns if not is_interval_bound(c)]
+    atomic_write_text(out["csv"], pd.DataFrame(folded, columns=csv_columns).to_csv(index=False))
+    columns = ["run", *params, "status", *shown]
+    lines = [f"# Sweep {sweep_dir.name}", "", markdown_table(columns, ([row.get(c) for c in columns] for row in folded))]
     for extension in extensions:
         files, extra = extension(sweep_dir, df, params)
         out.update(files)
