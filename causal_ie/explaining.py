@@ -8,10 +8,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from causal_ie.explain.cam import CAMExplainer
+from causal_ie.evaluation import build_explainers
 from causal_ie.explain.files import EXPLANATIONS_FILE, FileExplainer, explain_files, input_files, input_size
 from causal_ie.runs import load_classifier
 
@@ -29,9 +28,10 @@ def run_explain(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         classifier = classifier.cuda()
     if not cfg.get("mask"):
         raise ValueError("mask= is required: the CE explainer (patch, pixel, superpixel, latent)")
-    ce = instantiate(cfg.mask, _convert_="all")
-    cams = list(cfg.get("cams") or [])
-    cam = CAMExplainer(cams[0], target_layer=cfg.get("cam_layer") or "auto") if cams else None
+    explainers = build_explainers(cfg)  # as evaluate.py builds them: `ce` from mask, then one per CAM
+    ce = explainers.pop("ce")
+    cams = list(explainers)
+    cam = explainers[cams[0]] if cams else None
     explainer = FileExplainer(classifier, ce, cam, input_size(classifier, cfg.get("image_size")),
                               int(cfg.top_labels), float(cfg.region_threshold), bool(cfg.voi_lut))
     log.info("%d file(s) from %s; %s at %d px, %d labels", len(files), cfg.input, classifier.hparams.backbone,
