@@ -80,6 +80,8 @@ from causal_ie.runtime import eval_mode
 log = logging.getLogger(__name__)
 
 CUT_AUTO = "auto"
+# ops that recompute their patch from a region of their input map
+_REGION_KINDS = ("window", "resample")
 # `supported` needs an estimated speed-up of at least this for a one-pixel box
 MIN_GAIN = 1.1
 # The cost model that places the cut, in FLOP-equivalents of eager CPU convolution (measured with one
@@ -146,16 +148,71 @@ class _Window:
         return self.padding[axis], self.padding[axis]
 
 
+@dataclass(frozen=True)
+class _Resample:
+    """``F.interpolate`` of a 4-d map: linear and separable in rows and columns for every mode, so
+    it is ``A_rows @ x @ A_cols.T`` with weight matrices read off the op itself (:meth:`matrix`)."""
+
+    size: Any
+    scale_factor: Any
+    mode: str
+    align_corners: bool | None
+    recompute_scale_factor: bool | None
+    antialias: bool
+
+    def matrix(self, n_in: int, axis: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+        """The weights [n_out, n_in] of one axis: the op applied to an identity whose other axis it
+        leaves alone (same size, scale 1)."""
+        eye = torch.eye(n_in, dtype=dtype, device=device)[None, None]
+        size = scale = None
+        if self.size is not None:
+            n_out = _pair(self.size)[axis]
+            size = (n_out, n_in) if axis == 0 else (n_in, n_out)
+        else:
+            factor = self.scale_factor
+            factor = (float(factor), float(factor)) if isinstance(factor, int | float) else tuple(map(float, factor))
+            scale = (factor[0], 1.0) if axis == 0 else (1.0, factor[1])
+        out = F.interpolate(eye, size=size, scale_factor=scale, mode=self.mode, align_corners=self.align_corners,
+                            recompute_scale_factor=self.recompute_scale_factor, antialias=self.antialias)[0, 0]
+        return out if axis == 0 else out.T.contiguous()
+
+
+_RESAMPLE_MODES = {"nearest", "nearest-exact", "bilinear", "bicubic", "area"}
+
+
+def _resample_op(node: fx.Node) -> _Resample | str:
+    """The resampling of an ``F.interpolate`` node, or why it has none."""
+    names = ("input", "size", "scale_factor", "mode", "align_corners", "recompute_scale_factor", "antialias")
+    defaults = (None, None, None, "nearest", None, None, False)
+    values = dict(zip(names, defaults))
+    values.update(zip(names, node.args))
+    values.update(node.kwargs)
+    if any(isinstance(v, fx.Node) for k, v in values.items() if k != "input") or any(
+        isinstance(v, fx.Node) for v in values["size"] or () if isinstance(values["size"], tuple | list)
+    ):
+        return "interpolate with a size computed at run time"
+    if values["mode"] not in _RESAMPLE_MODES:
+        return f"interpolate mode={values['mode']!r} (a 4-d map needs one of {sorted(_RESAMPLE_MODES)})"
+    return _Resample(values["size"], values["scale_factor"], values["mode"], values["align_corners"],
+                     values["recompute_scale_factor"], bool(values["antialias"]))
+
+
 @dataclass
 class _Op:
     """How one graph node treats a changed box."""
 
-    kind: str  # input | const | pointwise | union | window | meta | global
+    kind: str  # input | const | pointwise | union | window | resample | meta | global
     what: str  # for messages: "backbone.layer1.0.conv1 (Conv2d)"
     acts: tuple[str, ...] = ()  # names of the input-dependent args
     window: _Window | None = None
+    resample: _Resample | None = None
     why: str = ""  # global ops: why there is no rule
     linear_macs: int = 0  # nn.Linear: in_features * out_features
+
+    @property
+    def pad_value(self) -> float:
+        """What the border of the map a region op reads holds (resampling reads inside the map only)."""
+        return self.window.pad_value if self.window is not None else 0.0
 
 
 def _pair(v: Any) -> tuple[int, int]:
@@ -346,6 +403,11 @@ def _classify(node: fx.Node, modules: dict[str, nn.Module], dependent: set[fx.No
     )
     if arithmetic or (node.op == "call_function" and node.target in _POINTWISE_FUNCTIONS):
         return _Op("pointwise" if len(acts) == 1 else "union", what, acts)
+    if node.op == "call_function" and node.target is F.interpolate and len(acts) == 1:
+        resample = _resample_op(node)
+        if isinstance(resample, _Resample):
+            return _Op("resample", what, acts, resample=resample)
+        return _Op("global", what, acts, why=resample)
     if node.op == "call_function" and node.target in (F.dropout, F.dropout2d):
         training = node.kwargs.get("training", node.args[2] if len(node.args) > 2 else True)
         if training is False:
@@ -443,6 +505,56 @@ class _Geometry:
     @property
     def fraction(self) -> float:
         return self.size[0] * self.size[1] / (self.map_size[0] * self.map_size[1])
+
+
+@dataclass(frozen=True)
+class _ResampleAxis:
+    """One axis of a resampling: output i is ``weights[i] @ input``, whose non-zero weights lie in
+    input rows ``first[i]..last[i]`` (both non-decreasing in i for every mode of ``F.interpolate``)."""
+
+    weights: Tensor  # [n_out, n_in]
+    first: Tensor  # [n_out] long, on the CPU
+    last: Tensor
+
+    @classmethod
+    def of(cls, weights: Tensor) -> _ResampleAxis:
+        nonzero = (weights != 0).cpu()
+        index = torch.arange(weights.shape[1])
+        first = torch.where(nonzero, index, weights.shape[1]).amin(1)
+        last = torch.where(nonzero, index, -1).amax(1)
+        return cls(weights, first, last)
+
+    @property
+    def taps(self) -> int:
+        return int((self.last - self.first).max()) + 1
+
+    @property
+    def monotone(self) -> bool:
+        return bool((self.last >= self.first).all() and (self.first.diff() >= 0).all() and (self.last.diff() >= 0).all())
+
+
+def _resample_geometry(axes: tuple[_ResampleAxis, ...], arg: _Geometry, out_size: tuple[int, int]) -> _Geometry | str:
+    """A changed interval [lo, hi) of the input changes the outputs whose weights reach into it; their
+    patch is recomputed from the input rows all its outputs read (inside the map: no padding)."""
+    sizes, starts, los, his, rstarts, rlens = [], [], [], [], [], []
+    for axis, resampled in enumerate(axes):
+        n_in, n_out = arg.map_size[axis], out_size[axis]
+        if resampled.weights.shape != (n_out, n_in):
+            return f"resampling weights {tuple(resampled.weights.shape)} do not map {n_in} to {n_out}"
+        if not resampled.monotone:
+            return "resampling weights are not banded"
+        first, last = resampled.first, resampled.last
+        lo = torch.searchsorted(last, arg.lo[axis]).clamp(max=n_out - 1)  # the first output reading row lo
+        hi = torch.searchsorted(first, arg.hi[axis]).clamp(max=n_out)  # past the last reading row hi - 1
+        hi = torch.maximum(hi, lo + 1)
+        size = int((hi - lo).max())
+        start = lo.clamp(max=n_out - size)
+        rstart = first[start]
+        rlen = int((last[start + size - 1] + 1 - rstart).max())
+        rstart = rstart.clamp(max=n_in - rlen)
+        sizes.append(size), starts.append(start), los.append(lo), his.append(hi)
+        rstarts.append(rstart), rlens.append(rlen)
+    return _Geometry(tuple(sizes), tuple(starts), tuple(los), tuple(his), out_size, tuple(rstarts), tuple(rlens))
 
 
 @dataclass
@@ -609,6 +721,7 @@ class IncrementalForward:
         self._caches: dict[tuple[str, float], Tensor] = {}
         self._margins: dict[tuple[str, float], list[int]] = {}  # cache key -> padding top, bottom, left, right
         self._plans: dict[tuple[int, int], _Plan] = {}
+        self._resample: dict[str, tuple[_ResampleAxis, ...]] = {}  # resampling node -> weights per axis
         with torch.no_grad(), eval_mode(model):
             if not self.reason:
                 try:
@@ -727,14 +840,14 @@ class IncrementalForward:
                 hi = (lo[0] + box[0], lo[1] + box[1])
                 geometry[node.name] = _Geometry(box, lo, lo, hi, (height, width))
                 continue
-            if op.kind not in ("pointwise", "union", "window"):
+            if op.kind not in ("pointwise", "union", "window", "resample"):
                 if op.kind == "global" and any(a in geometry for a in op.acts):
                     stops[node.name] = op.why or "no incremental rule"
                 continue
             if not all(a in geometry for a in op.acts):
                 continue
             args = [geometry[a] for a in op.acts]
-            if size is None or (op.kind != "window" and any(g.map_size != size for g in args)):
+            if size is None or (op.kind not in _REGION_KINDS and any(g.map_size != size for g in args)):
                 stops[node.name] = "changes the map's shape"
                 continue
             if op.kind == "pointwise":
@@ -749,12 +862,24 @@ class IncrementalForward:
                 start = tuple(lo[a].clamp(max=size[a] - sizes[a]) for a in (0, 1))
                 geometry[node.name] = _Geometry(sizes, start, lo, hi, size)
             else:
-                made = self._window_geometry(op.window, args[0], size)
+                if op.kind == "window":
+                    made = self._window_geometry(op.window, args[0], size)
+                else:
+                    made = _resample_geometry(self._resample_axes(node.name, op.resample, args[0].map_size), args[0], size)
                 if isinstance(made, str):
                     stops[node.name] = made
                 else:
                     geometry[node.name] = made
         return geometry, stops
+
+    def _resample_axes(self, name: str, resample: _Resample, in_size: tuple[int, int]) -> tuple[_ResampleAxis, ...]:
+        """The weight matrices of a resampling node per axis (computed once)."""
+        if name not in self._resample:
+            dtype, device = self.clean_inputs.dtype, self.clean_inputs.device
+            self._resample[name] = tuple(
+                _ResampleAxis.of(resample.matrix(in_size[axis], axis, dtype, device)) for axis in (0, 1)
+            )
+        return self._resample[name]
 
     def _constants_pointwise(self, node: fx.Node) -> bool:
         """Constant tensor arguments must not vary over space (their last two dims broadcast)."""
@@ -835,6 +960,10 @@ class IncrementalForward:
                     in_channels = self._shapes[op.acts[0]][0]
                     region = in_channels * g.region_len[0] * g.region_len[1]
                     total += op.window.flops * out + ELEMENT_COST * (region + out) + ITEM_COST
+                elif op.kind == "resample":  # two dense matrix products on the region
+                    (rh, rw), (h, w) = g.region_len, g.size
+                    region = channels * rh * rw
+                    total += 2 * channels * (rh * rw * w + h * rh * w) + ELEMENT_COST * (region + out) + ITEM_COST
                 else:
                     total += ELEMENT_COST * 2 * out
                     if op.kind == "union":  # widening the inputs whose patch is smaller
@@ -852,6 +981,8 @@ class IncrementalForward:
                     total += ELEMENT_COST * 2 * math.prod(self._shapes[a]) + ITEM_COST
             if op.kind == "window":
                 total += op.window.flops * numel
+            elif op.kind == "resample" and node.name in self._resample:  # one pass per axis over its taps
+                total += 2 * numel * sum(axis.taps for axis in self._resample[node.name])
             total += 2 * op.linear_macs
             total += ELEMENT_COST * (numel + sum(math.prod(self._shapes[a]) for a in ins))
         return total
@@ -940,14 +1071,14 @@ class IncrementalForward:
         input_name = next(n.name for n in self.analysis.nodes if n.op == "placeholder")
         for node in inc_nodes:
             op, g = ops[node.name], geometry[node.name]
-            if op.kind == "window":
+            if op.kind in _REGION_KINDS:
                 arg = geometry[op.acts[0]]
                 margins = []
                 for axis in (0, 1):
                     lo_r = int(g.region_start[axis].min())
                     hi_r = int(g.region_start[axis].max()) + g.region_len[axis]
                     margins += [max(0, -lo_r), max(0, hi_r - arg.map_size[axis])]
-                window_cache[node.name] = need(op.acts[0], op.window.pad_value, margins)
+                window_cache[node.name] = need(op.acts[0], op.pad_value, margins)
         for node in inc_nodes:
             op, g = ops[node.name], geometry[node.name]
             if op.kind == "union":
@@ -1171,12 +1302,15 @@ class IncrementalForward:
                             return patch.data
                         return self._assemble(self._cache_key(plan, n.name), patch, images, r0, c0, g.size)
                     env[name] = _Patch(self._execute(node, value_of), r0, c0)
-                else:  # window
+                else:  # window or resample: from a region of the input map
                     arg = env[op.acts[0]]
                     rr = g.region_start[0][probe_r].tolist()
                     rc = g.region_start[1][probe_c].tolist()
                     region = self._assemble(plan.window_cache[name], arg, images, rr, rc, g.region_len)
-                    env[name] = _Patch(op.window.apply(region), r0, c0)
+                    if op.kind == "window":
+                        env[name] = _Patch(op.window.apply(region), r0, c0)
+                    else:
+                        env[name] = _Patch(self._resample_region(name, g, region, r0, c0, rr, rc), r0, c0)
                 data = env[name].data
                 if data.shape[-2:] != g.size:
                     raise RuntimeError(f"{op.what}: patch {tuple(data.shape)} where {g.size} was planned")
@@ -1185,6 +1319,21 @@ class IncrementalForward:
                     env.pop(a.name, None)
                     full_values.pop(a.name, None)
         return result
+
+    def _resample_region(
+        self, name: str, g: _Geometry, region: Tensor, r0: list[int], c0: list[int], rr: list[int], rc: list[int]
+    ) -> Tensor:
+        """Outputs [B, C, *g.size] at (r0[b], c0[b]) of a resampling, from the input regions at (rr[b],
+        rc[b]): each item's block of the row and column weights, multiplied in."""
+        blocks = []
+        for axis, (out0, in0) in enumerate(((r0, rr), (c0, rc))):
+            weights = self._resample[name][axis].weights
+            device = weights.device
+            outs = torch.tensor(out0, device=device)[:, None] + torch.arange(g.size[axis], device=device)
+            ins = torch.tensor(in0, device=device)[:, None] + torch.arange(g.region_len[axis], device=device)
+            blocks.append(weights[outs[:, :, None], ins[:, None, :]].unsqueeze(1).to(region.dtype))
+        rows, cols = blocks  # [B, 1, h, rh], [B, 1, w, rw]
+        return (rows @ region @ cols.transpose(-1, -2)).contiguous(memory_format=self.memory_format)
 
     def _node(self, name: str) -> fx.Node:
         return self._by_name[name]
