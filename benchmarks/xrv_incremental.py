@@ -7,7 +7,7 @@ The wrapper resizes [0, 1] images of any size to the network's 224 px (bilinear,
 and scales them to [-1024, 1024]; the incremental engine follows both (a resize maps a changed
 box to the outputs whose weights reach into it). Per input size: one image's CE maps of all 18
 labels (``causal_effect``: zero baseline, probabilities) with a window covering the same share of
-the image at every size (32/224 of the side, stride half of it: 13 x 13 windows), by the default
+the image at every size (32/224 of the side, stride half of it: 13 or 14 windows per side), by the default
 engine (incremental) and by the same engine with ``intervention.incremental=false`` (plain
 forwards), after one warm-up of each. Per repetition both run in turn (order alternating);
 ``ratio`` is the median over repetitions of plain / incremental time within one repetition
@@ -112,7 +112,7 @@ def write(rows: list[dict], args: argparse.Namespace, out: Path) -> None:
         "# Incremental inference on XRVClassifier (torchxrayvision DenseNet-121) vs its plain forwards (issue #20)",
         "",
         f"{meta['machine']}, {meta['date']}; one image's CE maps of all labels (causal_effect, zero baseline, "
-        f"probabilities), window = 32/224 of the side, stride = window/2 (13 x 13 windows); the default engine "
+        f"probabilities), window = 32/224 of the side, stride = window/2 (13 or 14 windows per side); the default engine "
         f"(incremental) vs the same with intervention.incremental=false (plain forwards), after one warm-up "
         f"each; {args.repeats} interleaved repetitions; ratio = plain / incremental time of the same "
         f"repetition, median [min-max]; random weights, head scaled to logits of about +-6. {args.note}",

@@ -78,7 +78,7 @@ def test_projective_tau_one_is_exact_and_smaller_tau_truncates():
     same = approximate_causal_effect(model, x, window=6, stride=4, approx=ApproxSettings.of("projective", tau=1.0))
     assert (same - exact).abs().max() <= 1e-6
     fwd = ProjectiveFieldForward(model, x, tau=0.5)
-    geometry, _ = fwd._geometry((6, 6))
+    geometry, _ = fwd.planner.geometry((6, 6))
     windows = [n for n, op in fwd.analysis.ops.items() if op.kind == "window" and n in geometry]
     assert windows
     for name in windows:

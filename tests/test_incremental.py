@@ -18,15 +18,13 @@ from causal_ie.interventions import causal_effect
 from causal_ie.interventions.engine import region_effects
 from causal_ie.interventions.incremental import (
     IncrementalForward,
-    _overlay,
-    _Patch,
-    _region_copy,
     changed_boxes,
     incremental_forward,
     incremental_support,
     mask_boxes,
     window_boxes,
 )
+from causal_ie.interventions.incremental.forward import _overlay, _Patch, _region_copy
 from causal_ie.interventions.spec import InterventionSpec
 from causal_ie.interventions.windows import WindowGrid
 from causal_ie.models.random_weights import randomise_batchnorm

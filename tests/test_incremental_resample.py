@@ -10,15 +10,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from causal_ie.interventions import causal_effect
-from causal_ie.interventions.incremental import (
-    IncrementalForward,
-    _Geometry,
-    _Resample,
-    _ResampleAxis,
-    _resample_geometry,
-    incremental_support,
-    window_boxes,
-)
+from causal_ie.interventions.incremental import Geometry, IncrementalForward, incremental_support, window_boxes
+from causal_ie.interventions.incremental.geometry import ResampleAxis, resample_geometry
+from causal_ie.interventions.incremental.rules import Resample
 from causal_ie.interventions.spec import InterventionSpec
 from causal_ie.interventions.windows import WindowGrid
 
@@ -28,7 +22,7 @@ TOL = 1e-5
 NETWORK = 64  # the xrv network's input side in these tests (the released weights use 224)
 
 
-def resampled(x: torch.Tensor, resample: _Resample) -> torch.Tensor:
+def resampled(x: torch.Tensor, resample: Resample) -> torch.Tensor:
     rows = resample.matrix(x.shape[-2], 0, x.dtype, x.device)
     cols = resample.matrix(x.shape[-1], 1, x.dtype, x.device)
     return rows @ x @ cols.T
@@ -48,7 +42,7 @@ def resampled(x: torch.Tensor, resample: _Resample) -> torch.Tensor:
 )
 def test_resample_weights_equal_interpolate(size, scale, mode, align, antialias):
     x = torch.rand(2, 3, 20, 16, generator=torch.Generator().manual_seed(0))
-    resample = _Resample(size, scale, mode, align, None, antialias)
+    resample = Resample(size, scale, mode, align, None, antialias)
     expected = F.interpolate(x, size=size, scale_factor=scale, mode=mode, align_corners=align, antialias=antialias)
     assert torch.allclose(resampled(x, resample), expected, atol=1e-6, rtol=0)
 
@@ -57,15 +51,15 @@ def test_changed_rows_of_an_antialiased_halving_by_hand():
     """8 -> 4 rows, bilinear with antialias: output i weighs input rows 2i-1 .. 2i+2 by 0.25, 0.75,
     0.75, 0.25 over their sum (clipped at the border), so a change in row 3 reaches outputs 1 and
     2 only, and recomputing outputs 1..2 reads rows 1..6."""
-    resample = _Resample((4, 4), None, "bilinear", False, None, True)
+    resample = Resample((4, 4), None, "bilinear", False, None, True)
     rows = resample.matrix(8, 0, torch.float64, torch.device("cpu"))
     assert rows[1].tolist() == pytest.approx([0, 0.125, 0.375, 0.375, 0.125, 0, 0, 0])
     assert rows[0].tolist() == pytest.approx([0.75 / 1.75, 0.75 / 1.75, 0.25 / 1.75, 0, 0, 0, 0, 0])
-    axis = _ResampleAxis.of(rows)
+    axis = ResampleAxis.of(rows)
     assert axis.first.tolist() == [0, 1, 3, 5] and axis.last.tolist() == [2, 4, 6, 7]
     lo = (torch.tensor([3]), torch.tensor([0]))
-    arg = _Geometry((1, 8), lo, lo, (lo[0] + 1, lo[1] + 8), (8, 8))
-    made = _resample_geometry((axis, axis), arg, (4, 4))
+    arg = Geometry((1, 8), lo, lo, (lo[0] + 1, lo[1] + 8), (8, 8))
+    made = resample_geometry((axis, axis), arg, (4, 4))
     assert (int(made.lo[0]), int(made.hi[0])) == (1, 3)
     assert (int(made.start[0]), made.size[0]) == (1, 2)
     assert (int(made.region_start[0]), made.region_len[0]) == (1, 6)

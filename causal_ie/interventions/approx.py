@@ -45,7 +45,7 @@ from torch import Tensor, nn
 
 from causal_ie.interventions.baselines import Baseline
 from causal_ie.interventions.engine import BatchForward, batch_forward, pixel_space_effects, region_effects
-from causal_ie.interventions.incremental import IncrementalForward, _Geometry, _Window
+from causal_ie.interventions.incremental import Geometry, IncrementalForward, Window, window_geometry
 from causal_ie.interventions.spec import InterventionSpec
 from causal_ie.interventions.windows import WindowGrid
 
@@ -123,8 +123,8 @@ class ProjectiveFieldForward(IncrementalForward):
         options["verify"] = 0
         super().__init__(model, clean_inputs, **options)
 
-    def _window_geometry(self, window: _Window, arg: _Geometry, out_size: tuple[int, int]) -> _Geometry | str:
-        made = IncrementalForward._window_geometry(window, arg, out_size)
+    def _window_geometry(self, window: Window, arg: Geometry, out_size: tuple[int, int]) -> Geometry | str:
+        made = window_geometry(window, arg, out_size)
         if isinstance(made, str) or self.tau >= 1:
             return made
         sizes, starts, los, his, rstarts, rlens = [], [], [], [], [], []
@@ -148,7 +148,7 @@ class ProjectiveFieldForward(IncrementalForward):
                     return made
             sizes.append(size), starts.append(start), los.append(lo), his.append(hi)
             rstarts.append(rstart), rlens.append(rlen)
-        return _Geometry(tuple(sizes), tuple(starts), tuple(los), tuple(his), out_size, tuple(rstarts), tuple(rlens))
+        return Geometry(tuple(sizes), tuple(starts), tuple(los), tuple(his), out_size, tuple(rstarts), tuple(rlens))
 
 
 # ---------------------------------------------------------------- the approximate forward
