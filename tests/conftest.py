@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -17,7 +18,14 @@ ROOT = TESTS.parent
 CONF = ROOT / "conf"
 sys.path.insert(0, str(TESTS))  # fixture factories such as nih_fixtures
 
-torch.set_num_threads(min(2, torch.get_num_threads()))
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # pytest runs one worker per core (pyproject's addopts: -n auto): each worker, and the
+    # train.py/evaluate.py subprocesses its tests start, keeps to one thread, so workers do
+    # not oversubscribe the cores
+    torch.set_num_threads(1)
+    os.environ["OMP_NUM_THREADS"] = "1"
+else:
+    torch.set_num_threads(min(2, torch.get_num_threads()))
 
 # few, small synthetic images, no logger: shared by the train and evaluate configs of the tests
 TINY_DATA = [

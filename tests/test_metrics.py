@@ -264,7 +264,7 @@ def test_reset_forgets_pairs():
 
 
 def test_shape_mismatch_is_a_clear_error():
-    with pytest.raises(ValueError, match=r"boxes must be \[P, 4\]"):
+    with pytest.raises(ValueError, match=r"boxes \[P, 4\] or masks \[P, H, W\]"):
         PointingGame().update(torch.zeros(2, 4, 4), boxes((0, 0, 1, 1)))
     with pytest.raises(ValueError, match=r"maps must be \[P, H, W\]"):
         EnergyPointingGame().update(torch.zeros(4, 4), boxes((0, 0, 1, 1)))

@@ -1,4 +1,4 @@
-"""How good an explanation map is: localisation against lesion boxes, and faithfulness.
+"""How good an explanation map is: localisation against lesion boxes or masks, and faithfulness.
 
 Conventions shared by every metric here:
 
@@ -6,7 +6,10 @@ Conventions shared by every metric here:
   meaning more important;
 * a *box* is ``[P, 4]`` float ``(x, y, w, h)`` in pixels of the map's
   resolution, and pixel (row r, col c) belongs to it iff its centre does:
-  ``x <= c + 0.5 < x + w`` and ``y <= r + 0.5 < y + h`` (see :func:`box_masks`).
+  ``x <= c + 0.5 < x + w`` and ``y <= r + 0.5 < y + h`` (see :func:`box_masks`);
+* the ground truth may instead be pixel masks ``[P, H, W]`` (segmentations, or boxes drawn
+  in another image's pixels: :mod:`causal_ie.data.ground_truth`); every localisation metric
+  takes either (:func:`ground_truth_masks`), and a mask drawn from a box scores as the box.
 
 Every metric is a torchmetrics ``Metric`` whose states are sums
 (``dist_reduce_fx="sum"``): under DDP each process scores its own shard and
@@ -16,14 +19,17 @@ all pairs. ``update`` takes a whole batch of pairs at once.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from skimage.measure import label as label_components
 from torch import Tensor, nn
 from torchmetrics import Metric, MetricCollection
 
+from causal_ie.data.ground_truth import box_masks
 from causal_ie.interventions import InterventionSpec, MaskRegions, region_effects
 from causal_ie.interventions.engine import check_images, image_forward
 from causal_ie.precision import full_precision
@@ -38,35 +44,39 @@ __all__ = [
     "EnergyPointingGame",
     "PairCount",
     "PointingGame",
+    "SegmentationIoU",
     "box_masks",
+    "ground_truth_masks",
     "localisation_metrics",
 ]
-
-
-def box_masks(boxes: Tensor, height: int, width: int) -> Tensor:
-    """Pixels inside each ``(x, y, w, h)`` box, as a bool tensor ``[P, height, width]``.
-
-    A pixel is inside when its centre is (``x <= c + 0.5 < x + w``, likewise for
-    rows), so integer boxes cover exactly columns ``x .. x+w-1`` and fractional
-    boxes (e.g. rescaled from another resolution) still get a well defined
-    pixel set. A box with NaNs (no box) covers nothing.
-    """
-    boxes = torch.as_tensor(boxes, dtype=torch.float64).reshape(-1, 4)
-    x, y, w, h = (boxes[:, i, None] for i in range(4))
-    col_centres = torch.arange(width, dtype=torch.float64, device=boxes.device) + 0.5
-    row_centres = torch.arange(height, dtype=torch.float64, device=boxes.device) + 0.5
-    in_cols = (x <= col_centres) & (col_centres < x + w)  # [P, W]
-    in_rows = (y <= row_centres) & (row_centres < y + h)  # [P, H]
-    return in_rows[:, :, None] & in_cols[:, None, :]
 
 
 def _check_maps_and_boxes(maps: Tensor, boxes: Tensor) -> None:
     if maps.ndim != 3:
         raise ValueError(f"maps must be [P, H, W], got shape {tuple(maps.shape)}")
-    if boxes.shape != (maps.shape[0], 4):
+    if boxes.shape != (maps.shape[0], 4) and boxes.shape != maps.shape:
         raise ValueError(
-            f"boxes must be [P, 4] with P={maps.shape[0]} (one per map), got shape {tuple(boxes.shape)}"
+            f"ground truth must be boxes [P, 4] or masks [P, H, W] matching the maps {tuple(maps.shape)}, "
+            f"got shape {tuple(boxes.shape)}"
         )
+
+
+def ground_truth_masks(truth: Tensor, height: int, width: int, tolerance: float = 0) -> Tensor:
+    """The ground truth of every pair as pixels [P, H, W]: boxes [P, 4] through :func:`box_masks`
+    (grown by ``tolerance`` pixels on every side), masks [P, H, W] as they are (dilated so that
+    a mask drawn from a box gives exactly the box grown by ``tolerance``)."""
+    if truth.ndim == 2:
+        t = float(tolerance)
+        grow = torch.tensor([-t, -t, 2 * t, 2 * t], dtype=torch.float64, device=truth.device)
+        return box_masks(truth.to(torch.float64) + grow, height, width)
+    masks = truth.bool()
+    if tolerance <= 0:
+        return masks
+    # the box [p, p + 1) of mask pixel p grown by t holds the pixels c with p - t <= c + 0.5 < p + 1 + t,
+    # i.e. p - before <= c <= p + after: c is marked when a mask pixel lies in [c - after, c + before]
+    before, after = math.floor(tolerance + 0.5), math.ceil(tolerance + 0.5) - 1
+    padded = F.pad(masks[:, None].float(), (after, before, after, before))
+    return F.max_pool2d(padded, before + after + 1, stride=1)[:, 0].bool()
 
 
 class PointingGame(Metric):
@@ -94,10 +104,7 @@ class PointingGame(Metric):
     def pair_hits(self, maps: Tensor, boxes: Tensor) -> Tensor:
         """The hit of each pair [P] (float64: 1, 0, or the share of tied maxima in the box)."""
         _check_maps_and_boxes(maps, boxes)
-        t = self.tolerance
-        grow = torch.tensor([-t, -t, 2 * t, 2 * t], dtype=torch.float64, device=maps.device)
-        grown = boxes.to(maps.device, torch.float64) + grow
-        inside = box_masks(grown, maps.shape[1], maps.shape[2])
+        inside = ground_truth_masks(boxes.to(maps.device), maps.shape[1], maps.shape[2], self.tolerance)
         peak = maps.flatten(1).amax(dim=1)[:, None, None]
         peaks = (maps == peak).flatten(1)
         return (peaks & inside.flatten(1)).sum(dim=1).double() / peaks.sum(dim=1).clamp(min=1)
@@ -132,7 +139,7 @@ class EnergyPointingGame(Metric):
     def update(self, maps: Tensor, boxes: Tensor) -> None:
         _check_maps_and_boxes(maps, boxes)
         positive = maps.to(torch.float64).clamp(min=0)
-        inside = box_masks(boxes.to(maps.device), maps.shape[1], maps.shape[2])
+        inside = ground_truth_masks(boxes.to(maps.device), maps.shape[1], maps.shape[2])
         mass = positive.flatten(1).sum(dim=1)
         mass_inside = (positive * inside).flatten(1).sum(dim=1)
         share = torch.where(mass > 0, mass_inside / mass.clamp(min=torch.finfo(torch.float64).tiny), 0.0)
@@ -217,7 +224,7 @@ class BoxLocalisation(Metric):
         """(IoU [P], IoBB [P]) of each pair's predicted box with its lesion box (float64, CPU)."""
         _check_maps_and_boxes(maps, boxes)
         pred = self.predicted_masks(maps)
-        gt = box_masks(boxes.detach().cpu(), maps.shape[1], maps.shape[2])
+        gt = ground_truth_masks(boxes.detach().cpu(), maps.shape[1], maps.shape[2])
         inter = (pred & gt).flatten(1).sum(dim=1).double()
         union = (pred | gt).flatten(1).sum(dim=1).double()
         pred_area = pred.flatten(1).sum(dim=1).double()  # >= 1: the peak is always in
@@ -243,6 +250,45 @@ class BoxLocalisation(Metric):
         result["iobb_mean"] = (self.iobb_sum / total).float()
         result["iou_mean"] = (self.iou_sum / total).float()
         return result
+
+
+class SegmentationIoU(Metric):
+    """Mean IoU of the binarised map with the ground-truth pixels, as CheXlocalize's mIoU
+    (Saporta et al. 2022): per pair the map is min-max normalised and its pixels ``>=``
+    ``map_threshold`` are the predicted segmentation (no box around them, unlike
+    :class:`BoxLocalisation`); a constant map predicts the whole image. CheXlocalize's hit rate
+    is the pointing game with no tolerance (:class:`PointingGame`)."""
+
+    is_differentiable = False
+    higher_is_better = True
+    full_state_update = False
+
+    def __init__(self, map_threshold: float = 0.5, **kwargs):
+        super().__init__(**kwargs)
+        if not 0.0 <= map_threshold <= 1.0:
+            raise ValueError(f"map_threshold must be in [0, 1] (maps are min-max normalised), got {map_threshold}")
+        self.map_threshold = float(map_threshold)
+        self.add_state("iou_sum", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("total", torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
+
+    def pair_ious(self, maps: Tensor, truth: Tensor) -> Tensor:
+        """IoU [P] (float64) of each pair's binarised map with its ground truth."""
+        _check_maps_and_boxes(maps, truth)
+        maps = maps.detach().to(torch.float64)
+        low = maps.flatten(1).amin(dim=1)[:, None, None]
+        span = maps.flatten(1).amax(dim=1)[:, None, None] - low
+        normalised = torch.where(span > 0, (maps - low) / span.clamp(min=torch.finfo(torch.float64).tiny), 1.0)
+        pred = normalised >= self.map_threshold
+        gt = ground_truth_masks(truth.to(maps.device), maps.shape[1], maps.shape[2])
+        inter = (pred & gt).flatten(1).sum(dim=1).double()
+        return inter / (pred | gt).flatten(1).sum(dim=1).double()  # >= 1: the peak is predicted
+
+    def update(self, maps: Tensor, truth: Tensor) -> None:
+        self.iou_sum += self.pair_ious(maps, truth).sum().to(self.iou_sum.device)
+        self.total += maps.shape[0]
+
+    def compute(self) -> Tensor:
+        return (self.iou_sum / self.total).float()
 
 
 class PairCount(Metric):
