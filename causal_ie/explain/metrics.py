@@ -150,6 +150,13 @@ class EnergyPointingGame(Metric):
         return (self.energy_sum / self.total).float()
 
 
+def _min_max_normalised(maps: Tensor) -> Tensor:
+    """Each map [P, H, W] scaled to [0, 1]; a constant map becomes all ones (the whole image)."""
+    low = maps.flatten(1).amin(dim=1)[:, None, None]
+    span = maps.flatten(1).amax(dim=1)[:, None, None] - low
+    return torch.where(span > 0, (maps - low) / span.clamp(min=torch.finfo(maps.dtype).tiny), 1.0)
+
+
 def _largest_component_box(binary: np.ndarray) -> tuple[int, int, int, int]:
     """``(row0, row1, col0, col1)`` (inclusive) bounding the largest 8-connected component.
 
@@ -208,12 +215,7 @@ class BoxLocalisation(Metric):
     def predicted_masks(self, maps: Tensor) -> Tensor:
         """The predicted box of every map as a bool pixel mask ``[P, H, W]`` (on the CPU)."""
         maps = maps.detach().to("cpu", torch.float64)
-        low = maps.flatten(1).amin(dim=1)[:, None, None]
-        high = maps.flatten(1).amax(dim=1)[:, None, None]
-        span = high - low
-        tiny = torch.finfo(torch.float64).tiny
-        normalised = torch.where(span > 0, (maps - low) / span.clamp(min=tiny), 1.0)
-        binary = (normalised >= self.map_threshold).numpy()
+        binary = (_min_max_normalised(maps) >= self.map_threshold).numpy()
         pred = torch.zeros(maps.shape, dtype=torch.bool)
         for p in range(maps.shape[0]):
             r0, r1, c0, c1 = _largest_component_box(binary[p])
@@ -275,10 +277,7 @@ class SegmentationIoU(Metric):
         """IoU [P] (float64) of each pair's binarised map with its ground truth."""
         _check_maps_and_boxes(maps, truth)
         maps = maps.detach().to(torch.float64)
-        low = maps.flatten(1).amin(dim=1)[:, None, None]
-        span = maps.flatten(1).amax(dim=1)[:, None, None] - low
-        normalised = torch.where(span > 0, (maps - low) / span.clamp(min=torch.finfo(torch.float64).tiny), 1.0)
-        pred = normalised >= self.map_threshold
+        pred = _min_max_normalised(maps) >= self.map_threshold
         gt = ground_truth_masks(truth.to(maps.device), maps.shape[1], maps.shape[2])
         inter = (pred & gt).flatten(1).sum(dim=1).double()
         return inter / (pred | gt).flatten(1).sum(dim=1).double()  # >= 1: the peak is predicted
