@@ -16,8 +16,8 @@ from torch.utils.data import DataLoader, Subset
 
 from causal_ie.attacks.evaluation import AttackEvaluation
 from causal_ie.attacks.report import AttackReport
-from causal_ie.explain.cam import CAMExplainer
 from causal_ie.explain.explainers import Explainer, approx_errors
+from causal_ie.explain.factory import build_explainers
 from causal_ie.explain.report import LocalisationReport
 from causal_ie.interventions.autoencoder import AutoencoderCache
 from causal_ie.lightning.callbacks import CEMapLogger
@@ -27,18 +27,6 @@ from causal_ie.outputs.results import write_results
 from causal_ie.runs import build_callbacks, check_compatible, classifier_identity, instantiate_dict, load_classifier
 
 log = logging.getLogger(__name__)
-
-
-def build_explainers(cfg: DictConfig) -> dict[str, Explainer]:
-    """``ce`` from the ``mask`` group, ``ce_latent`` from ``latent`` (null: off), and one per CAM."""
-    explainers: dict[str, Explainer] = {}
-    if cfg.get("mask"):
-        explainers["ce"] = instantiate(cfg.mask, _convert_="all")
-    if cfg.get("latent") and getattr(explainers.get("ce"), "kind", None) != "latent":
-        explainers["ce_latent"] = instantiate(cfg.latent, _convert_="all")
-    for method in cfg.get("cams") or []:
-        explainers[method] = CAMExplainer(method, target_layer=cfg.get("cam_layer") or "auto")
-    return explainers
 
 
 def autoencoder_cache(

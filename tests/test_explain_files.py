@@ -70,7 +70,7 @@ def test_the_box_is_in_the_input_files_pixels(tmp_path):
 
 
 def _run(tmp_path, *overrides):
-    from causal_ie.explaining import run_explain
+    from causal_ie.explain.task import run_explain
 
     cfg = compose_config("explain", ["model=xrv", "model.weights=random", "model.input_resolution=32", "mask.size=8",
                                      "mask.stride=8", *overrides], tmp_path / "run")

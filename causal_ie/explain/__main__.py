@@ -5,7 +5,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from causal_ie.explaining import run_explain
+from causal_ie.explain.task import run_explain
 from causal_ie.runs import run_task
 
 # the repository's conf/ (the package is installed in place, beside it)

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import lightning as L
 import torch
@@ -15,83 +14,6 @@ from torchmetrics.classification import MultilabelAUROC
 from causal_ie.data.findings import NIH14
 from causal_ie.labels import LabelSpace
 from causal_ie.models.backbone import Normalize, create_backbone
-
-if TYPE_CHECKING:  # imported lazily at run time: causal_ie.attacks may import the models
-    from causal_ie.attacks.factory import MultiLabelAttack
-
-# `model.adv_train` settings and their defaults (conf/model/_classifier.yaml)
-ADV_TRAIN_DEFAULTS: dict[str, Any] = {"attack": None, "eps": 0.004, "steps": 5, "alpha": None, "ratio": 0.5}
-
-
-def check_adv_train(adv_train: Mapping | None) -> dict[str, Any] | None:
-    """``model.adv_train`` validated and filled with defaults, as plain Python types.
-
-    Plain types because the dict goes into the checkpoint's hyperparameters,
-    which ``Classifier.load`` reads with ``weights_only=True``. None stays None
-    (standard training, and what old checkpoints without the key mean).
-    """
-    if adv_train is None:
-        return None
-    if not isinstance(adv_train, Mapping):
-        raise ValueError(f"model.adv_train must be a mapping of {', '.join(ADV_TRAIN_DEFAULTS)} or null, got {adv_train!r}")
-    unknown = sorted(str(k) for k in adv_train if k not in ADV_TRAIN_DEFAULTS)
-    if unknown:
-        raise ValueError(
-            f"model.adv_train.{unknown[0]} is not a setting; allowed keys: {', '.join(ADV_TRAIN_DEFAULTS)}"
-        )
-    cfg = {**ADV_TRAIN_DEFAULTS, **dict(adv_train)}
-
-    def number(key: str, kind: type, minimum: float, inclusive: bool = True) -> Any:
-        value = cfg[key]
-        try:
-            if isinstance(value, bool):
-                raise TypeError
-            value = kind(value)
-        except (TypeError, ValueError):
-            raise ValueError(f"model.adv_train.{key} must be a number, got {cfg[key]!r}") from None
-        if not (value >= minimum if inclusive else value > minimum):
-            raise ValueError(f"model.adv_train.{key} must be {'>=' if inclusive else '>'} {minimum}, got {value}")
-        return value
-
-    out: dict[str, Any] = {
-        "attack": None if cfg["attack"] is None else str(cfg["attack"]).lower(),
-        "eps": number("eps", float, 0.0),
-        "steps": number("steps", int, 1),
-        "alpha": None if cfg["alpha"] is None else number("alpha", float, 0.0, inclusive=False),
-        "ratio": number("ratio", float, 0.0),
-    }
-    if out["ratio"] > 1:
-        raise ValueError(f"model.adv_train.ratio is the share of adversarial training batches, in [0, 1]; got {out['ratio']}")
-    return out
-
-
-def build_adv_attack(settings: Mapping[str, Any] | None) -> "MultiLabelAttack | None":
-    """The untargeted all-findings attack that ``settings`` (from :func:`check_adv_train`) ask for, or None.
-
-    Only the attacks whose loss is plain cross-entropy can push the whole label
-    vector at once (``target=all``); the others would attack one finding per image.
-    """
-    if settings is None or settings["attack"] is None:
-        return None
-    from causal_ie.attacks.factory import ATTACKS, LOSS_ONLY, MultiLabelAttack
-
-    name = settings["attack"]
-    if name not in LOSS_ONLY:
-        problem = "cannot attack all findings at once" if name in ATTACKS else "is not known"
-        raise ValueError(
-            f"model.adv_train.attack={name!r} {problem}; adversarial training needs one of {', '.join(LOSS_ONLY)}"
-        )
-    params: dict[str, Any] = {}
-    if name == "fgsm":  # one step of size eps: steps and alpha do not apply
-        if settings["alpha"] is not None:
-            raise ValueError("model.adv_train.alpha: fgsm takes a single step of size eps; set alpha to null")
-    else:
-        params = {"steps": settings["steps"], "alpha": settings["alpha"]}
-    try:
-        return MultiLabelAttack(name, target="all", mode="untargeted", eps=settings["eps"], **params)
-    except ValueError as err:
-        raise ValueError(f"model.adv_train: {err}") from err
-
 
 CHECKPOINT_EXPECTED = (
     "expected a Lightning checkpoint written by train.py (checkpoints/best.ckpt of a train run, "
@@ -156,11 +78,12 @@ class Classifier(L.LightningModule):
         channels_last: keep the weights (and so every activation) in the channels_last
             memory format: faster convolutions on GPUs with tensor cores under mixed
             precision; same results up to float rounding. Off by default.
-        adv_train: adversarial training (Madry et al. 2018), or None: ``attack``
-            (``pgd``, ``fgsm``, ``bim``, ``pgdl2`` or null for standard training),
-            ``eps``, ``steps``, ``alpha`` (null: 2.5 * eps / steps) and ``ratio``,
-            the share of training batches replaced by their adversarial version
-            (see :meth:`is_adversarial_batch`). Validation and test stay clean.
+        adv_train: adversarial training (Madry et al. 2018): an object with ``settings`` (plain
+            values for the checkpoint), ``attack`` (None: standard training),
+            ``is_adversarial_batch(i)`` and ``(model, images, labels, findings) -> images``, as
+            :class:`causal_ie.attacks.AdversarialTraining` that ``model.adv_train`` builds; or
+            None. Validation and test stay clean. A loaded checkpoint records the settings in
+            ``hparams.adv_train`` and trains no more.
     """
 
     def __init__(
@@ -181,7 +104,7 @@ class Classifier(L.LightningModule):
         lr_factor: float = 0.1,
         lr_patience: int = 1,
         pos_weight: list[float] | None = None,
-        adv_train: Mapping[str, Any] | None = None,
+        adv_train: Any = None,
         channels_last: bool = False,
     ):
         super().__init__()
@@ -193,9 +116,12 @@ class Classifier(L.LightningModule):
             raise ValueError(
                 f"model.pos_weight has {len(pos_weight)} values, expected one per finding ({len(findings)})"
             )
-        # validate before building the backbone, so a typo fails fast
-        adv_train = check_adv_train(adv_train)
-        self.adv_attack = build_adv_attack(adv_train)
+        if isinstance(adv_train, Mapping):
+            raise ValueError(
+                "adv_train must be built by its config (causal_ie.attacks.AdversarialTraining, as "
+                f"model.adv_train does) or be None, got the mapping {dict(adv_train)!r}"
+            )
+        self.adv_train = adv_train if adv_train is not None and adv_train.attack is not None else None
         # Plain Python types only, so checkpoints load with weights_only=True.
         self.save_hyperparameters(
             dict(
@@ -214,7 +140,7 @@ class Classifier(L.LightningModule):
                 lr_factor=float(lr_factor),
                 lr_patience=int(lr_patience),
                 pos_weight=None if pos_weight is None else [float(w) for w in pos_weight],
-                adv_train=adv_train,
+                adv_train=None if adv_train is None else dict(adv_train.settings),
                 channels_last=bool(channels_last),
             )
         )
@@ -253,34 +179,30 @@ class Classifier(L.LightningModule):
             logits, labels, pos_weight=self.pos_weight
         )
 
-    def is_adversarial_batch(self, batch_idx: int) -> bool:
-        """Whether training batch ``batch_idx`` is replaced by its adversarial version.
+    @property
+    def adv_attack(self) -> Any:
+        """The attack adversarial training runs (None: standard training, or a loaded checkpoint)."""
+        return None if self.adv_train is None else self.adv_train.attack
 
-        A fixed schedule rather than a coin flip: batch i is adversarial when
-        ``floor((i + 1) * ratio) > floor(i * ratio)``, so each epoch's first n
-        batches hold floor(n * ratio) adversarial ones (ratio 0.5: every second
-        batch), the same in every run and after resuming mid-epoch, and no random
-        state has to be checkpointed.
-        """
-        if self.adv_attack is None:
-            return False
-        ratio = self.hparams.adv_train["ratio"]
-        return math.floor((batch_idx + 1) * ratio) > math.floor(batch_idx * ratio)
+    def is_adversarial_batch(self, batch_idx: int) -> bool:
+        """Whether training batch ``batch_idx`` is replaced by its adversarial version (the
+        schedule of ``adv_train``; never without one)."""
+        return self.adv_train is not None and self.adv_train.is_adversarial_batch(batch_idx)
 
     def adversarial_images(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """``self.adv_attack``'s images against the current weights.
+        """``adv_train``'s images against the current weights.
 
         The attack runs the model in eval mode (no BatchNorm statistics updates, no
         dropout) and gives every submodule its own mode back; it asks autograd for
         input gradients only, so parameters' ``.grad`` stay untouched.
         """
-        if self.adv_attack is None:
+        if self.adv_train is None:
             raise RuntimeError("adversarial_images needs model.adv_train.attack (adversarial training is off)")
-        return self.adv_attack(self, images.detach(), labels.detach(), findings=self.findings).images
+        return self.adv_train(self, images, labels, self.findings)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         images = batch["image"]
-        if self.adv_attack is not None:
+        if self.adv_train is not None:
             adversarial = self.is_adversarial_batch(batch_idx)
             if adversarial:
                 images = self.adversarial_images(images, batch["labels"])
@@ -355,6 +277,7 @@ class Classifier(L.LightningModule):
             )
         hp = dict(ckpt["hyper_parameters"])
         hp.update(pretrained=False, checkpoint=None)
+        recorded = hp.pop("adv_train", None)  # how it was trained; a loaded model trains no more
         try:
             model = cls(**hp)
         except (TypeError, ValueError) as err:
@@ -370,4 +293,5 @@ class Classifier(L.LightningModule):
                 f"checkpoint {str(path)!r}: the weights do not fit the {hp.get('backbone')!r} classifier its "
                 f"hyper_parameters describe ({detail[:400]}); {CHECKPOINT_EXPECTED}"
             ) from None
+        model.hparams["adv_train"] = recorded
         return model.eval()

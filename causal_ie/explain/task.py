@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
-from causal_ie.evaluation import build_explainers
+from causal_ie.explain.factory import build_explainers
 from causal_ie.explain.files import EXPLANATIONS_FILE, FileExplainer, explain_files, input_files, input_size
 from causal_ie.runs import load_classifier
 
