@@ -162,12 +162,12 @@ def test_checkpoint_without_adv_train_still_loads(tmp_path):
 @pytest.mark.parametrize(
     ("adv", "match"),
     [
-        ({"attack": "pgd", "ratio": 1.5}, r"model\.adv_train\.ratio .*\[0, 1\]"),
+        ({"attack": "pgd", "ratio": 1.5}, r"model\.adv_train\.ratio must be a finite number in \[0, 1\]"),
         ({"attack": None, "ratio": -0.1}, r"model\.adv_train\.ratio"),
         ({"attack": "cw"}, r"model\.adv_train\.attack='cw' cannot attack all findings.*fgsm, bim, pgd, pgdl2"),
         ({"attack": "apgd"}, r"model\.adv_train\.attack='apgd' cannot attack all findings"),
         ({"attack": "nope"}, r"model\.adv_train\.attack='nope' is not known"),
-        ({"attack": "pgd", "steps": 0}, r"model\.adv_train\.steps must be >= 1"),
+        ({"attack": "pgd", "steps": 0}, r"model\.adv_train\.steps must be a whole number >= 1"),
         ({"attack": "pgd", "eps": "big"}, r"model\.adv_train\.eps must be a number"),
         ({"attack": "fgsm", "alpha": 0.01}, r"model\.adv_train\.alpha: fgsm"),
     ],

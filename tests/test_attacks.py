@@ -165,7 +165,7 @@ def test_eps_zero_leaves_images_unchanged(batch):
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"name": "pgd", "eps": -0.1}, "attack.eps must be >= 0"),
+        ({"name": "pgd", "eps": -0.1}, "attack.eps must be a finite number >= 0"),
         ({"name": "deepfool", "eps": 0.1}, "attack='deepfool' is not known"),
         ({"name": "apgd", "eps": 0.1}, "attack=apgd needs attack.norm: Linf or L2"),
         ({"name": "square", "eps": 0.1, "norm": "L1"}, "attack.norm='L1': expected Linf or L2"),
@@ -208,8 +208,8 @@ def test_inputs_outside_the_unit_box_are_rejected(batch):
         ({"name": "bim", "eps": 2}, r"attack.eps=2.0 is an L-inf radius"),
         ({"name": "apgd", "eps": 5, "norm": "Linf"}, r"attack.eps=5.0 is an L-inf radius"),
         ({"name": "square", "eps": 5, "norm": "Linf"}, r"attack.eps=5.0 is an L-inf radius"),
-        ({"name": "pgd", "eps": float("nan")}, "attack.eps must be >= 0, got nan"),
-        ({"name": "pgdl2", "eps": float("inf")}, "attack.eps must be finite"),
+        ({"name": "pgd", "eps": float("nan")}, "attack.eps must be a finite number >= 0, got nan"),
+        ({"name": "pgdl2", "eps": float("inf")}, "attack.eps must be a finite number >= 0, got inf"),
         ({"name": "pgd", "eps": "big"}, "attack.eps must be a number, got 'big'"),
         ({"name": "pgd", "eps": 0.1, "steps": 2.5}, "attack.steps must be a whole number >= 1, got 2.5"),
         ({"name": "pgd", "eps": 0.1, "steps": True}, "attack.steps must be a number, got True"),
@@ -220,7 +220,7 @@ def test_inputs_outside_the_unit_box_are_rejected(batch):
         ({"name": "apgd", "eps": 0.1, "norm": "Linf", "eot_iter": 0}, "attack.eot_iter must be a whole number >= 1"),
         ({"name": "pgd", "eps": 0.1, "alpha": 0}, "attack.alpha must be a finite number > 0, got 0.0"),
         ({"name": "bim", "eps": 0.1, "alpha": -0.01}, "attack.alpha must be a finite number > 0"),
-        ({"name": "pgdl2", "eps": 0.1, "alpha": float("nan")}, "attack.alpha must be a finite number > 0"),
+        ({"name": "pgdl2", "eps": 0.1, "alpha": float("nan")}, "attack.alpha must be a finite number, got nan"),
         ({"name": "cw", "c": 0}, "attack.c must be a finite number > 0"),
         ({"name": "cw", "lr": -1}, "attack.lr must be a finite number > 0"),
         ({"name": "cw", "kappa": -1}, "attack.kappa (CW's confidence margin) must be a finite number >= 0"),

@@ -52,6 +52,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from causal_ie import validators
 from causal_ie.attacks.factory import STEP_SIZE_FACTOR, Adversarial
 from causal_ie.runtime import eval_mode, model_device, to_model
 
@@ -286,19 +287,6 @@ def _frozen(*modules: nn.Module) -> Iterator[None]:
             p.requires_grad_(requires_grad)
 
 
-def _number(name: str, value: Any, low: float, high: float = math.inf, low_open: bool = False) -> float:
-    try:
-        if isinstance(value, bool):
-            raise TypeError
-        number = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a number, got {value!r}") from None
-    if not math.isfinite(number) or number < low or number > high or (low_open and number == low):
-        bracket = "(" if low_open else "["
-        raise ValueError(f"{name} must be a finite number in {bracket}{low:g}, {high:g}], got {value!r}")
-    return number
-
-
 class AdaptivePGD:
     """PGD (L-inf or L2, random start) on the classification loss of one finding per image minus
     ``weight`` times a detector's logit: an attacker who knows the detector.
@@ -376,16 +364,11 @@ class AdaptivePGD:
         if not callable(detector_logit):
             raise TypeError(f"detector_logit must be callable (images -> [B] logits), got {type(detector_logit).__name__}")
         self.detector_logit = detector_logit
-        norms = {"linf": "Linf", "inf": "Linf", "l2": "L2"}
-        if str(norm).lower() not in norms:
-            raise ValueError(f"norm={norm!r}: expected Linf or L2")
-        self.norm = norms[str(norm).lower()]
-        self.eps = _number("eps", eps, 0.0, 1.0 if self.norm == "Linf" else math.inf)
-        if isinstance(steps, bool) or not isinstance(steps, int | float) or steps != int(steps) or steps < 1:
-            raise ValueError(f"steps must be a whole number >= 1, got {steps!r}")
-        self.steps = int(steps)
+        self.norm = validators.norm("norm", norm)
+        self.eps = validators.number("eps", eps, 0.0, 1.0 if self.norm == "Linf" else math.inf)
+        self.steps = validators.count("steps", steps)
         self.alpha = (
-            STEP_SIZE_FACTOR * self.eps / self.steps if alpha is None else _number("alpha", alpha, 0.0, low_open=True)
+            STEP_SIZE_FACTOR * self.eps / self.steps if alpha is None else validators.number("alpha", alpha, 0.0, low_open=True)
         )
         self.random_start = bool(random_start)
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
@@ -398,10 +381,10 @@ class AdaptivePGD:
             raise ValueError(f"weight must be a number >= 0 or a sequence of them, got {weight!r}") from None
         if not schedule:
             raise ValueError("weight must hold at least one lambda")
-        self.weights = tuple(_number("weight", w, 0.0) for w in schedule)
-        self.threshold = None if threshold is None else _number("threshold", threshold, -math.inf)
+        self.weights = tuple(validators.number("weight", w, 0.0) for w in schedule)
+        self.threshold = None if threshold is None else validators.number("threshold", threshold)
         self.selective = bool(selective)
-        self.margin = _number("margin", margin, 0.0)
+        self.margin = validators.number("margin", margin, 0.0)
         if mode not in ("untargeted", "targeted"):
             raise ValueError(f"mode={mode!r}: expected 'untargeted' or 'targeted'")
         if to not in ("present", "absent"):

@@ -11,11 +11,8 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from causal_ie import validators
 from causal_ie.attacks.factory import ATTACKS, LOSS_ONLY, MultiLabelAttack
-
-# `model.adv_train` settings and their defaults (conf/model/_classifier.yaml)
-DEFAULTS: dict[str, Any] = {"attack": None, "eps": 0.004, "steps": 5, "alpha": None, "ratio": 0.5}
-
 
 class AdversarialTraining:
     """The untargeted all-findings attack a Classifier trains against, and the share of training
@@ -31,16 +28,14 @@ class AdversarialTraining:
         self, attack: str | None = None, eps: float = 0.004, steps: int = 5, alpha: float | None = None,
         ratio: float = 0.5,
     ):
-        given = {"attack": attack, "eps": eps, "steps": steps, "alpha": alpha, "ratio": ratio}
         self.settings: dict[str, Any] = {
             "attack": None if attack is None else str(attack).lower(),
-            "eps": _number(given, "eps", float, 0.0),
-            "steps": _number(given, "steps", int, 1),
-            "alpha": None if alpha is None else _number(given, "alpha", float, 0.0, inclusive=False),
-            "ratio": _number(given, "ratio", float, 0.0),
+            "eps": validators.number("model.adv_train.eps", eps, 0.0),
+            "steps": validators.count("model.adv_train.steps", steps),
+            "alpha": None if alpha is None else validators.number("model.adv_train.alpha", alpha, 0.0, low_open=True),
+            # the share of training batches replaced by their adversarial version
+            "ratio": validators.share("model.adv_train.ratio", ratio),
         }
-        if self.ratio > 1:
-            raise ValueError(f"model.adv_train.ratio is the share of adversarial training batches, in [0, 1]; got {self.ratio}")
         self.attack = self._attack()
 
     @property
@@ -85,16 +80,3 @@ class AdversarialTraining:
         if self.attack is None:
             raise RuntimeError("adversarial images need model.adv_train.attack (adversarial training is off)")
         return self.attack(model, images.detach(), labels.detach(), findings=findings).images
-
-
-def _number(given: dict[str, Any], key: str, kind: type, minimum: float, inclusive: bool = True) -> Any:
-    value = given[key]
-    try:
-        if isinstance(value, bool):
-            raise TypeError
-        value = kind(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"model.adv_train.{key} must be a number, got {given[key]!r}") from None
-    if not (value >= minimum if inclusive else value > minimum):
-        raise ValueError(f"model.adv_train.{key} must be {'>=' if inclusive else '>'} {minimum}, got {value}")
-    return value

@@ -21,6 +21,7 @@ import torchattacks
 from torch import Tensor, nn
 
 from causal_ie.attacks.wrapper import FindingLogits
+from causal_ie import validators
 from causal_ie.runtime import eval_mode
 
 ATTACKS: dict[str, type[torchattacks.Attack]] = {
@@ -47,21 +48,13 @@ PER_IMAGE_TARGETS = ("top", "top_absent")
 
 
 def _number(key: str, value: Any) -> float:
-    """``attack.<key>`` as a float; ValueError naming the key for anything else (booleans too)."""
-    try:
-        if isinstance(value, bool):
-            raise TypeError
-        return float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"attack.{key} must be a number, got {value!r}") from None
+    """``attack.<key>`` as a float (its range is checked where it is used)."""
+    return validators.number(f"attack.{key}", value)
 
 
 def _count(key: str, value: Any) -> int:
     """``attack.<key>`` as a whole number >= 1 (2.5 steps is a typo, not 2)."""
-    number = _number(key, value)
-    if not (math.isfinite(number) and number == int(number) and number >= 1):
-        raise ValueError(f"attack.{key} must be a whole number >= 1, got {value!r}")
-    return int(number)
+    return validators.count(f"attack.{key}", value)
 
 
 @dataclass
@@ -146,9 +139,7 @@ class MultiLabelAttack:
     # -- validation ---------------------------------------------------------------
     def _check_norm(self, norm: str | None) -> str:
         fixed = FIXED_NORM.get(self.name)
-        given = None if norm is None else {"linf": "Linf", "inf": "Linf", "l2": "L2"}.get(str(norm).lower())
-        if norm is not None and given is None:
-            raise ValueError(f"attack.norm={norm!r}: expected Linf or L2")
+        given = None if norm is None else validators.norm("attack.norm", norm)
         if fixed is None:
             if given is None:
                 raise ValueError(f"attack={self.name} needs attack.norm: Linf or L2")
@@ -168,11 +159,7 @@ class MultiLabelAttack:
             return None
         if eps is None:
             raise ValueError(f"attack={self.name} needs attack.eps (the perturbation radius in [0,1] pixel units)")
-        eps = _number("eps", eps)
-        if not eps >= 0:
-            raise ValueError(f"attack.eps must be >= 0, got {eps}")
-        if not math.isfinite(eps):
-            raise ValueError(f"attack.eps must be finite, got {eps}")
+        eps = validators.number("attack.eps", eps, 0.0)
         if self.norm == "Linf" and eps > 1:
             raise ValueError(
                 f"attack.eps={eps} is an L-inf radius in [0,1] pixel units and must lie in [0, 1] "

@@ -27,6 +27,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from causal_ie import validators
+
 READER_RULES = ("any", "majority")
 
 
@@ -105,8 +107,7 @@ def resize_mask(mask: Tensor, size: tuple[int, int]) -> Tensor:
 def combine_readers(masks: Sequence[Tensor], rule: str = "any") -> Tensor:
     """One mask from each reader's mask of a label (a reader's several boxes already united):
     ``any`` the union, ``majority`` the pixels at least 2 readers marked (2 of VinDr's 3)."""
-    if rule not in READER_RULES:
-        raise ValueError(f"data.readers={rule!r}: expected one of {READER_RULES}")
+    validators.choice("data.readers", rule, READER_RULES)
     if not masks:
         raise ValueError("combine_readers needs at least one reader's mask")
     votes = torch.stack([m.bool() for m in masks]).sum(dim=0)
