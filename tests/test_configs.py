@@ -78,7 +78,7 @@ def test_chexnet_experiment_recipe(tmp_path):
     assert cfg.model.backbone == "densenet121"
     assert cfg.model.pretrained is True
     assert cfg.data.source == "nih" and cfg.data.image_size == 224 and cfg.data.batch_size == 16
-    assert cfg.model.lr == pytest.approx(1e-3)
+    assert cfg.model.optimizer.lr == pytest.approx(1e-3)
 
 
 @pytest.mark.parametrize(

@@ -6,6 +6,8 @@ import lightning as L
 import pytest
 import timm
 import torch
+from conftest import TINY_TRAIN, compose_config
+from hydra.utils import instantiate
 
 from causal_ie.data.findings import FINDINGS
 from causal_ie.models import Classifier, Normalize, PretrainedWeightsError, create_backbone
@@ -185,3 +187,36 @@ def test_load_directory_or_missing_file(tmp_path):
         Classifier.load(tmp_path / "missing.ckpt")
     with pytest.raises(FileNotFoundError, match="is a directory"):
         Classifier.load(tmp_path)
+
+
+def test_optimizer_and_scheduler_are_partial_configs_recorded_in_the_checkpoint(tmp_path):
+    cfg = compose_config("train", [*TINY_TRAIN, "model.optimizer.lr=0.02", "model.scheduler.patience=3"], tmp_path)
+    model = instantiate(cfg.model, _convert_="all")
+    configured = model.configure_optimizers()
+    opt, sched = configured["optimizer"], configured["lr_scheduler"]["scheduler"]
+    assert isinstance(opt, torch.optim.Adam) and opt.defaults["lr"] == 0.02 and tuple(opt.defaults["betas"]) == (0.9, 0.999)
+    assert isinstance(sched, torch.optim.lr_scheduler.ReduceLROnPlateau) and sched.patience == 3
+    assert configured["lr_scheduler"]["monitor"] == "val/loss"
+    assert model.hparams.optimizer == {"_target_": "torch.optim.adam.Adam", "lr": 0.02, "betas": [0.9, 0.999],
+                                       "weight_decay": 0.0}
+    constant = instantiate(compose_config("train", [*TINY_TRAIN, "model.scheduler=null"], tmp_path).model, _convert_="all")
+    assert isinstance(constant.configure_optimizers(), torch.optim.Adam) and constant.hparams.scheduler is None
+    sgd = instantiate(compose_config("train", [*TINY_TRAIN, "model.optimizer._target_=torch.optim.SGD",
+                                               "~model.optimizer.betas"], tmp_path).model, _convert_="all")
+    assert isinstance(sgd.configure_optimizers()["optimizer"], torch.optim.SGD)
+
+
+def test_a_checkpoint_from_before_partial_optimizers_still_loads(tmp_path):
+    model = Classifier(backbone="test_resnet", image_size=32)
+    trainer = L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    trainer.strategy.connect(model)
+    path = tmp_path / "old.ckpt"
+    trainer.save_checkpoint(path)
+    ckpt = torch.load(path, weights_only=True)
+    hp = ckpt["hyper_parameters"]
+    del hp["optimizer"], hp["scheduler"]
+    hp.update(lr=1e-3, weight_decay=0.0, betas=[0.9, 0.999], lr_factor=0.1, lr_patience=1)  # the old keys
+    torch.save(ckpt, path)
+    loaded = Classifier.load(path)
+    assert loaded.hparams.lr == 1e-3 and loaded.hparams.lr_patience == 1  # recorded as trained
+    assert torch.equal(loaded(torch.zeros(1, 1, 32, 32)), model.eval()(torch.zeros(1, 1, 32, 32)))

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import functools
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,19 @@ from torchmetrics.classification import MultilabelAUROC
 from causal_ie.data.findings import NIH14
 from causal_ie.labels import LabelSpace
 from causal_ie.models.backbone import Normalize, create_backbone
+
+# hyper-parameters that say how a checkpoint was trained, not how to build it again for evaluation
+TRAINING_SETTINGS = ("optimizer", "scheduler", "adv_train", "lr", "weight_decay", "betas", "lr_factor", "lr_patience")
+
+
+def described(factory: Callable[..., Any]) -> dict[str, Any]:
+    """A ``functools.partial`` (a ``_partial_`` config) as plain values for the checkpoint: its
+    ``_target_`` and keyword arguments."""
+    func = getattr(factory, "func", factory)
+    keywords = getattr(factory, "keywords", {}) or {}
+    plain = {k: (list(v) if isinstance(v, tuple) else v) for k, v in keywords.items()}
+    return {"_target_": f"{func.__module__}.{func.__qualname__}", **plain}
+
 
 CHECKPOINT_EXPECTED = (
     "expected a Lightning checkpoint written by train.py (checkpoints/best.ckpt of a train run, "
@@ -61,7 +75,7 @@ class Classifier(L.LightningModule):
     ``forward`` takes images in [0,1] (shape [N, in_chans, H, W]) and returns one
     logit per finding, so CE, CAMs, attacks and counterfactuals never need to
     know the normalisation. As in CheXNet (Rajpurkar et al. 2017): Adam and
-    ReduceLROnPlateau on the validation loss; per-finding AUROC on validation.
+    ReduceLROnPlateau on the validation loss by default; per-finding AUROC on validation.
 
     Args:
         backbone: timm model name (``densenet121``, ``resnet18``, ...).
@@ -78,6 +92,11 @@ class Classifier(L.LightningModule):
         channels_last: keep the weights (and so every activation) in the channels_last
             memory format: faster convolutions on GPUs with tensor cores under mixed
             precision; same results up to float rounding. Off by default.
+        optimizer: ``parameters -> Optimizer`` (``model.optimizer``, a ``_partial_`` config);
+            default Adam with lr 1e-3.
+        scheduler: ``optimizer -> scheduler`` stepped on ``val/loss`` each epoch
+            (``model.scheduler``; None: none); default (``"plateau"``) ReduceLROnPlateau (factor 0.1,
+            patience 1). Both are recorded in the checkpoint as their target and arguments.
         adv_train: adversarial training (Madry et al. 2018): an object with ``settings`` (plain
             values for the checkpoint), ``attack`` (None: standard training),
             ``is_adversarial_batch(i)`` and ``(model, images, labels, findings) -> images``, as
@@ -98,11 +117,8 @@ class Classifier(L.LightningModule):
         mean: float | list[float] = 0.449,
         std: float | list[float] = 0.226,
         drop_rate: float = 0.0,
-        lr: float = 1e-3,
-        weight_decay: float = 0.0,
-        betas: tuple[float, float] = (0.9, 0.999),
-        lr_factor: float = 0.1,
-        lr_patience: int = 1,
+        optimizer: Callable[..., torch.optim.Optimizer] | None = None,
+        scheduler: Callable[..., Any] | None | str = "plateau",
         pos_weight: list[float] | None = None,
         adv_train: Any = None,
         channels_last: bool = False,
@@ -122,6 +138,12 @@ class Classifier(L.LightningModule):
                 f"model.adv_train does) or be None, got the mapping {dict(adv_train)!r}"
             )
         self.adv_train = adv_train if adv_train is not None and adv_train.attack is not None else None
+        self.optimizer_factory = optimizer if optimizer is not None else functools.partial(torch.optim.Adam, lr=1e-3)
+        if scheduler == "plateau":
+            scheduler = functools.partial(torch.optim.lr_scheduler.ReduceLROnPlateau, mode="min", factor=0.1, patience=1)
+        elif isinstance(scheduler, str):
+            raise ValueError(f"model.scheduler={scheduler!r}: expected a _partial_ scheduler config or null")
+        self.scheduler_factory = scheduler
         # Plain Python types only, so checkpoints load with weights_only=True.
         self.save_hyperparameters(
             dict(
@@ -134,11 +156,8 @@ class Classifier(L.LightningModule):
                 mean=mean if isinstance(mean, float | int) else [float(m) for m in mean],
                 std=std if isinstance(std, float | int) else [float(s) for s in std],
                 drop_rate=float(drop_rate),
-                lr=float(lr),
-                weight_decay=float(weight_decay),
-                betas=[float(b) for b in betas],
-                lr_factor=float(lr_factor),
-                lr_patience=int(lr_patience),
+                optimizer=described(self.optimizer_factory),
+                scheduler=None if self.scheduler_factory is None else described(self.scheduler_factory),
                 pos_weight=None if pos_weight is None else [float(w) for w in pos_weight],
                 adv_train=None if adv_train is None else dict(adv_train.settings),
                 channels_last=bool(channels_last),
@@ -240,17 +259,12 @@ class Classifier(L.LightningModule):
         self._log_auroc("test", self.test_auroc)
 
     def configure_optimizers(self):
-        hp = self.hparams
-        opt = torch.optim.Adam(
-            self.parameters(), lr=hp.lr, betas=tuple(hp.betas), weight_decay=hp.weight_decay
-        )
-        sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
-            opt, mode="min", factor=hp.lr_factor, patience=hp.lr_patience
-        )
-        return {
-            "optimizer": opt,
-            "lr_scheduler": {"scheduler": sched, "monitor": "val/loss", "interval": "epoch"},
-        }
+        opt = self.optimizer_factory(self.parameters())
+        if self.scheduler_factory is None:
+            return opt
+        # a plateau scheduler steps on the validation loss, once per epoch (CheXNet's recipe)
+        return {"optimizer": opt,
+                "lr_scheduler": {"scheduler": self.scheduler_factory(opt), "monitor": "val/loss", "interval": "epoch"}}
 
     @classmethod
     def load(cls, path: str | Path, map_location: str | torch.device = "cpu") -> "Classifier":
@@ -277,7 +291,8 @@ class Classifier(L.LightningModule):
             )
         hp = dict(ckpt["hyper_parameters"])
         hp.update(pretrained=False, checkpoint=None)
-        recorded = hp.pop("adv_train", None)  # how it was trained; a loaded model trains no more
+        # how it was trained (older checkpoints: lr, betas, ... as keys); a loaded model trains no more
+        recorded = {key: hp.pop(key) for key in TRAINING_SETTINGS if key in hp}
         try:
             model = cls(**hp)
         except (TypeError, ValueError) as err:
@@ -293,5 +308,6 @@ class Classifier(L.LightningModule):
                 f"checkpoint {str(path)!r}: the weights do not fit the {hp.get('backbone')!r} classifier its "
                 f"hyper_parameters describe ({detail[:400]}); {CHECKPOINT_EXPECTED}"
             ) from None
-        model.hparams["adv_train"] = recorded
+        model.hparams.update(recorded)
+        model.hparams.setdefault("adv_train", None)
         return model.eval()
