@@ -83,8 +83,9 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         attack.fit_reference(classifier, reference_images(datamodule, int(cfg.detection.get("reference_images", 500))))
     # latent autoencoders (space=autoencoder) are fitted in CEEvaluation.on_test_start, on the device
     cache = autoencoder_cache(classifier, ckpt, cfg.paths.cache_dir, cfg.data)
+    source = f"checkpoint {ckpt}" if ckpt is not None else f"model {classifier.hparams.backbone}"
     module = CEEvaluation(classifier, explainers, attack=attack, autoencoder_cache=cache,
-                          unlabelled_findings=labels.model_only, **settings)
+                          unlabelled_findings=labels.model_only, source=source, **settings)
     sections = [LocalisationReport(), AttackReport()]
     figures = CEMapLogger(out_dir, sections)
     loggers = instantiate_dict(cfg.get("logger"))

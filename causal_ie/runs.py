@@ -83,6 +83,11 @@ def find_checkpoint(ckpt_path: str | None, search_dirs: list[str | Path]) -> Pat
     """``ckpt_path`` if given, else the newest ``checkpoints/best.ckpt`` of a train.py run."""
     if ckpt_path:
         path = Path(ckpt_path).expanduser()
+        if path.is_dir():
+            inside = sorted(str(p.relative_to(path)) for p in path.glob("**/*.ckpt"))[:6]
+            hint = (f"; it holds {', '.join(inside)}: pass one of them, e.g. ckpt_path={str(path / inside[0])!r}"
+                    if inside else "; it holds no .ckpt file")
+            raise FileNotFoundError(f"ckpt_path={str(ckpt_path)!r} is a directory, not a checkpoint file{hint}")
         if not path.is_file():
             raise FileNotFoundError(f"ckpt_path={str(ckpt_path)!r} does not exist")
         return path

@@ -14,6 +14,7 @@ from conftest import ROOT, TINY_EVAL, compose_config, eval_cfg
 from hydra.core.global_hydra import GlobalHydra
 
 from causal_ie.data import FINDINGS
+from causal_ie.data.errors import DataError
 from causal_ie.evaluation import evaluate
 from causal_ie.outputs.results import flatten
 from causal_ie.outputs.schema import EVALUATION, problems
@@ -60,6 +61,25 @@ def test_mismatched_checkpoint_and_bad_settings_are_named(tmp_path, checkpoint):
         evaluate(eval_cfg(tmp_path, checkpoint, "latent.layer=no_such_layer"))
     with pytest.raises(FileNotFoundError, match="ckpt_path"):
         evaluate(eval_cfg(tmp_path, tmp_path / "missing.ckpt"))
+
+
+def test_a_checkpoint_folder_and_a_missing_data_root_are_named(tmp_path, checkpoint):
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    for name in ("best.ckpt", "last.ckpt"):
+        (run / "checkpoints" / name).write_bytes(checkpoint.read_bytes())
+    with pytest.raises(FileNotFoundError, match=r"is a directory, not a checkpoint file; it holds "
+                                                 r"checkpoints/best\.ckpt, checkpoints/last\.ckpt"):
+        evaluate(eval_cfg(tmp_path, run))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"is a directory, not a checkpoint file; it holds no \.ckpt file"):
+        evaluate(eval_cfg(tmp_path, tmp_path / "empty"))
+    # the 32 px checkpoint against NIH at 48 px: the missing folder is reported, not the size
+    # (hydra wraps the error of the data config's constructor, message and cause kept)
+    with pytest.raises(Exception, match=r"data.root='/nonexistent' does not exist") as raised:
+        evaluate(compose_config("evaluate", ["data=nih", "data.root=/nonexistent", "data.image_size=48", "logger=none",
+                                             f"ckpt_path={checkpoint}"], tmp_path))
+    assert isinstance(raised.value.__cause__ or raised.value, DataError)
 
 
 def _cli(script: str, args: list[str], cwd: Path) -> subprocess.CompletedProcess:
@@ -219,3 +239,25 @@ def test_evaluation_scores_a_model_that_only_looks_at_its_boxes_exactly():
     low = torch.sigmoid(torch.tensor(-5.0)).item()
     assert results["faithfulness"]["ce"]["deletion_auc"] == pytest.approx(0.25 * (0.5 + 3 * low), abs=1e-6)
     assert results["faithfulness"]["ce"]["insertion_auc"] == pytest.approx(0.25 * (0.5 + 3 * (1 - low)), abs=1e-6)
+
+
+def test_nan_logits_and_nan_pixels_stop_the_evaluation_with_what_they_hit(tmp_path, checkpoint):
+    ckpt = torch.load(checkpoint, weights_only=True)
+    head = [k for k, v in ckpt["state_dict"].items() if k.endswith(".weight") and v.dim() == 2][-1]
+    ckpt["state_dict"][head] = torch.full_like(ckpt["state_dict"][head], float("nan"))
+    broken = tmp_path / "nan_head.ckpt"
+    torch.save(ckpt, broken)
+    with pytest.raises(ValueError, match=rf"checkpoint {broken} returns NaN or Inf logits for Atelectasis, "
+                                         r"Cardiomegaly, .*, Hernia on 12 of 12 images"):
+        evaluate(eval_cfg(tmp_path, broken))
+    assert not (tmp_path / "results.json").exists()
+
+    from causal_ie.explain.cam import CAMExplainer
+    from causal_ie.lightning.evaluation import CEEvaluation
+    from causal_ie.models import Classifier
+
+    module = CEEvaluation(Classifier.load(checkpoint), {"gradcam": CAMExplainer("gradcam")})
+    images = torch.rand(3, 1, 32, 32)
+    images[1, 0, 4, 4] = float("nan")
+    with pytest.raises(ValueError, match=r"1 test image\(s\) hold NaN or Inf pixels \(e.g. b\)"):
+        module._check_finite({"id": ["a", "b", "c"]}, images, torch.zeros(3, 14))

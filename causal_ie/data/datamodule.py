@@ -80,6 +80,9 @@ class ChestXray14DataModule(L.LightningDataModule):
             raise ValueError(f"data.source={source!r}; expected one of {SOURCES}")
         if source != "synthetic" and root is None:
             raise DataError(f"data.root is required for data.source={source!r}: the folder holding the files")
+        if source != "synthetic" and not Path(root).expanduser().exists():
+            # before anything compares the data with a checkpoint (sizes, labels): the folder comes first
+            raise DataError(f"data.root={str(root)!r} does not exist (data.source={source!r}: the folder holding the files)")
         if int(image_size) < 8:
             raise ValueError(f"data.image_size must be >= 8, got {image_size}")
         if int(batch_size) < 1:

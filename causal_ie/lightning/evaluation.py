@@ -8,7 +8,6 @@ from typing import Any
 import lightning as L
 import torch
 from torch import Tensor, nn
-from torchmetrics import MetricCollection
 from torchmetrics.classification import MultilabelAUROC
 
 from causal_ie.attacks.evaluation import AttackEvaluation
@@ -134,8 +133,10 @@ class CEEvaluation(L.LightningModule):
         n_boot: int = 2000,
         seed: int = 0,
         unlabelled_findings: Sequence[str] = (),
+        source: str = "the classifier",
     ):
         super().__init__()
+        self.source = source  # for messages: "checkpoint outputs/.../best.ckpt"
         if not explainers:
             raise ValueError("CEEvaluation needs at least one explainer (mask= and/or cams=)")
         self.classifier = classifier.eval()
@@ -204,7 +205,9 @@ class CEEvaluation(L.LightningModule):
         images, labels, boxes = batch["image"], batch["labels"], batch["boxes"]
         # measurements are float32 under *-mixed too (causal_ie.precision); CE maps: the explainers
         with torch.no_grad(), full_precision(self.device):
-            probs = self.classifier(images).sigmoid()
+            logits = self.classifier(images)
+        self._check_finite(batch, images, logits)
+        probs = logits.sigmoid()
         known = labels.nan_to_num(0.0)  # unknown labels only occur in unscored columns
         self.auroc.update(probs.nan_to_num(0.0), known.long())
         self._images_seen += images.shape[0]
@@ -235,6 +238,26 @@ class CEEvaluation(L.LightningModule):
                 self.faithfulness[name].update(images[img_idx], maps[name], finding_idx)
         self.pair_rows.update(torch.stack([v.double().to(images.device) for v in per_pair], 1))
         self._keep_examples(batch, probs, img_idx, finding_idx, maps)
+
+    def _check_finite(self, batch: dict, images: torch.Tensor, logits: torch.Tensor) -> None:
+        """NaN or Inf pixels, or logits of findings the model claims to predict, would turn into
+        chance-level numbers in results.json: stop with the images and findings they hit."""
+        ids = batch.get("id")
+        bad_pixels = ~torch.isfinite(images.flatten(1)).all(dim=1)
+        if bool(bad_pixels.any()):
+            rows = bad_pixels.nonzero().flatten().tolist()
+            named = [str(ids[i]) for i in rows[:5]] if ids is not None else rows[:5]
+            raise ValueError(f"{len(rows)} test image(s) hold NaN or Inf pixels (e.g. {', '.join(map(str, named))}): "
+                             "check the data files and data.* settings")
+        claimed = self.predicted.to(logits.device)
+        bad = ~torch.isfinite(logits) & claimed
+        if bool(bad.any()):
+            findings = [f for f, hit in zip(self.findings, bad.any(dim=0).tolist()) if hit]
+            raise ValueError(
+                f"{self.source} returns NaN or Inf logits for {', '.join(findings)} on "
+                f"{int(bad.any(dim=1).sum())} of {logits.shape[0]} images of this batch (e.g. its weights are NaN): "
+                "nothing is scored from it"
+            )
 
     def _keep_examples(self, batch, probs, img_idx, finding_idx, maps) -> None:
         if not self.trainer.is_global_zero:
