@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import ROOT, TINY_EVAL, compose_config, eval_cfg
-from hydra.core.global_hydra import GlobalHydra
 
 from causal_ie.data import FINDINGS
 from causal_ie.data.errors import DataError

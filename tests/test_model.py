@@ -71,12 +71,17 @@ def test_bce_loss_and_pos_weight():
         Classifier(backbone="test_resnet", pos_weight=[1.0, 1.0, 1.0])
 
 
-def test_checkpoint_round_trip_weights_only(tmp_path):
-    model = Classifier(backbone="test_resnet", image_size=32)
+def save_lightning_checkpoint(model: Classifier, path):
+    """``model`` saved as train.py's Lightning checkpoints are, without training."""
     trainer = L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False)
     trainer.strategy.connect(model)
-    path = tmp_path / "model.ckpt"
     trainer.save_checkpoint(path)
+    return path
+
+
+def test_checkpoint_round_trip_weights_only(tmp_path):
+    model = Classifier(backbone="test_resnet", image_size=32)
+    path = save_lightning_checkpoint(model, tmp_path / "model.ckpt")
     loaded = Classifier.load(path)  # uses torch.load(weights_only=True)
     x = torch.rand(2, 1, 32, 32)
     torch.testing.assert_close(loaded(x), model.eval()(x))
@@ -97,11 +102,7 @@ def test_load_rejects_foreign_checkpoint(tmp_path):
 def saved_checkpoint(tmp_path_factory):
     """A real train.py-style Lightning checkpoint of a small classifier."""
     model = Classifier(backbone="test_resnet", image_size=32)
-    trainer = L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False)
-    trainer.strategy.connect(model)
-    path = tmp_path_factory.mktemp("ckpt") / "best.ckpt"
-    trainer.save_checkpoint(path)
-    return path
+    return save_lightning_checkpoint(model, tmp_path_factory.mktemp("ckpt") / "best.ckpt")
 
 
 def _expect_load_error(path, *fragments):
@@ -199,6 +200,10 @@ def test_optimizer_and_scheduler_are_partial_configs_recorded_in_the_checkpoint(
     assert configured["lr_scheduler"]["monitor"] == "val/loss"
     assert model.hparams.optimizer == {"_target_": "torch.optim.adam.Adam", "lr": 0.02, "betas": [0.9, 0.999],
                                        "weight_decay": 0.0}
+    # Lightning's own loader rebuilds both from the recorded target and arguments
+    path = save_lightning_checkpoint(model, tmp_path / "partial.ckpt")
+    again = Classifier.load_from_checkpoint(path, map_location="cpu").configure_optimizers()
+    assert again["optimizer"].defaults["lr"] == 0.02 and again["lr_scheduler"]["scheduler"].patience == 3
     constant = instantiate(compose_config("train", [*TINY_TRAIN, "model.scheduler=null"], tmp_path).model, _convert_="all")
     assert isinstance(constant.configure_optimizers(), torch.optim.Adam) and constant.hparams.scheduler is None
     sgd = instantiate(compose_config("train", [*TINY_TRAIN, "model.optimizer._target_=torch.optim.SGD",
@@ -208,15 +213,15 @@ def test_optimizer_and_scheduler_are_partial_configs_recorded_in_the_checkpoint(
 
 def test_a_checkpoint_from_before_partial_optimizers_still_loads(tmp_path):
     model = Classifier(backbone="test_resnet", image_size=32)
-    trainer = L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False)
-    trainer.strategy.connect(model)
-    path = tmp_path / "old.ckpt"
-    trainer.save_checkpoint(path)
+    path = save_lightning_checkpoint(model, tmp_path / "old.ckpt")
     ckpt = torch.load(path, weights_only=True)
     hp = ckpt["hyper_parameters"]
     del hp["optimizer"], hp["scheduler"]
-    hp.update(lr=1e-3, weight_decay=0.0, betas=[0.9, 0.999], lr_factor=0.1, lr_patience=1)  # the old keys
+    hp.update(lr=3e-4, weight_decay=0.0, betas=[0.9, 0.99], lr_factor=0.5, lr_patience=4)  # the old keys
     torch.save(ckpt, path)
-    loaded = Classifier.load(path)
-    assert loaded.hparams.lr == 1e-3 and loaded.hparams.lr_patience == 1  # recorded as trained
-    assert torch.equal(loaded(torch.zeros(1, 1, 32, 32)), model.eval()(torch.zeros(1, 1, 32, 32)))
+    for loaded in (Classifier.load(path), Classifier.load_from_checkpoint(path, map_location="cpu")):
+        configured = loaded.configure_optimizers()  # the old keys still say how it trains
+        assert configured["optimizer"].defaults["lr"] == 3e-4 and tuple(configured["optimizer"].defaults["betas"]) == (0.9, 0.99)
+        assert configured["lr_scheduler"]["scheduler"].patience == 4 and configured["lr_scheduler"]["scheduler"].factor == 0.5
+        assert loaded.hparams.optimizer["lr"] == 3e-4
+        assert torch.equal(loaded.eval()(torch.zeros(1, 1, 32, 32)), model.eval()(torch.zeros(1, 1, 32, 32)))

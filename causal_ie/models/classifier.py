@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -16,8 +17,17 @@ from causal_ie.data.findings import NIH14
 from causal_ie.labels import LabelSpace
 from causal_ie.models.backbone import Normalize, create_backbone
 
-# hyper-parameters that say how a checkpoint was trained, not how to build it again for evaluation
-TRAINING_SETTINGS = ("optimizer", "scheduler", "adv_train", "lr", "weight_decay", "betas", "lr_factor", "lr_patience")
+log = logging.getLogger(__name__)
+
+def _factory(value: Any, key: str) -> Callable[..., Any]:
+    """A ``_partial_`` factory: as given, or built from its recorded ``_target_`` and arguments."""
+    if isinstance(value, Mapping):
+        from hydra.utils import instantiate
+
+        return instantiate({**value, "_partial_": True}, _convert_="all")
+    if not callable(value):
+        raise ValueError(f"{key} must be a _partial_ config (a callable), got {value!r}")
+    return value
 
 
 def described(factory: Callable[..., Any]) -> dict[str, Any]:
@@ -102,7 +112,11 @@ class Classifier(L.LightningModule):
             ``is_adversarial_batch(i)`` and ``(model, images, labels, findings) -> images``, as
             :class:`causal_ie.attacks.AdversarialTraining` that ``model.adv_train`` builds; or
             None. Validation and test stay clean. A loaded checkpoint records the settings in
-            ``hparams.adv_train`` and trains no more.
+            ``hparams.adv_train`` and trains no more (settings given as a mapping, as
+            Lightning's ``load_from_checkpoint`` passes them, are recorded the same way).
+        lr, weight_decay, betas, lr_factor, lr_patience: the Adam and plateau settings of
+            checkpoints written before ``optimizer``/``scheduler`` existed (used when those are
+            left at their defaults).
     """
 
     def __init__(
@@ -122,6 +136,11 @@ class Classifier(L.LightningModule):
         pos_weight: list[float] | None = None,
         adv_train: Any = None,
         channels_last: bool = False,
+        lr: float | None = None,
+        weight_decay: float | None = None,
+        betas: Sequence[float] | None = None,
+        lr_factor: float | None = None,
+        lr_patience: int | None = None,
     ):
         super().__init__()
         if labels is None:
@@ -132,18 +151,27 @@ class Classifier(L.LightningModule):
             raise ValueError(
                 f"model.pos_weight has {len(pos_weight)} values, expected one per finding ({len(findings)})"
             )
-        if isinstance(adv_train, Mapping):
-            raise ValueError(
-                "adv_train must be built by its config (causal_ie.attacks.AdversarialTraining, as "
-                f"model.adv_train does) or be None, got the mapping {dict(adv_train)!r}"
-            )
+        if isinstance(adv_train, Mapping):  # settings recorded in a checkpoint (load_from_checkpoint)
+            recorded_adv = dict(adv_train)
+            if recorded_adv.get("attack") is not None:
+                log.warning("adv_train given as recorded settings %s: kept in hparams, no adversarial training "
+                            "(model.adv_train builds causal_ie.attacks.AdversarialTraining to train)", recorded_adv)
+            adv_train = None
+        else:
+            recorded_adv = None if adv_train is None else dict(adv_train.settings)
         self.adv_train = adv_train if adv_train is not None and adv_train.attack is not None else None
-        self.optimizer_factory = optimizer if optimizer is not None else functools.partial(torch.optim.Adam, lr=1e-3)
-        if scheduler == "plateau":
-            scheduler = functools.partial(torch.optim.lr_scheduler.ReduceLROnPlateau, mode="min", factor=0.1, patience=1)
+        self.optimizer_factory = _factory(optimizer, "model.optimizer") if optimizer is not None else (
+            functools.partial(torch.optim.Adam, lr=1e-3 if lr is None else float(lr),
+                              betas=tuple(betas or (0.9, 0.999)), weight_decay=float(weight_decay or 0.0))
+        )
+        if scheduler == "plateau":  # CheXNet's; lr_factor / lr_patience: checkpoints from before _partial_ configs
+            scheduler = functools.partial(
+                torch.optim.lr_scheduler.ReduceLROnPlateau, mode="min", factor=0.1 if lr_factor is None else float(lr_factor),
+                patience=1 if lr_patience is None else int(lr_patience),
+            )
         elif isinstance(scheduler, str):
             raise ValueError(f"model.scheduler={scheduler!r}: expected a _partial_ scheduler config or null")
-        self.scheduler_factory = scheduler
+        self.scheduler_factory = None if scheduler is None else _factory(scheduler, "model.scheduler")
         # Plain Python types only, so checkpoints load with weights_only=True.
         self.save_hyperparameters(
             dict(
@@ -159,7 +187,7 @@ class Classifier(L.LightningModule):
                 optimizer=described(self.optimizer_factory),
                 scheduler=None if self.scheduler_factory is None else described(self.scheduler_factory),
                 pos_weight=None if pos_weight is None else [float(w) for w in pos_weight],
-                adv_train=None if adv_train is None else dict(adv_train.settings),
+                adv_train=recorded_adv,
                 channels_last=bool(channels_last),
             )
         )
@@ -291,8 +319,7 @@ class Classifier(L.LightningModule):
             )
         hp = dict(ckpt["hyper_parameters"])
         hp.update(pretrained=False, checkpoint=None)
-        # how it was trained (older checkpoints: lr, betas, ... as keys); a loaded model trains no more
-        recorded = {key: hp.pop(key) for key in TRAINING_SETTINGS if key in hp}
+        recorded = hp.pop("adv_train", None)  # how it was trained; a loaded model trains no more
         try:
             model = cls(**hp)
         except (TypeError, ValueError) as err:
@@ -308,6 +335,5 @@ class Classifier(L.LightningModule):
                 f"checkpoint {str(path)!r}: the weights do not fit the {hp.get('backbone')!r} classifier its "
                 f"hyper_parameters describe ({detail[:400]}); {CHECKPOINT_EXPECTED}"
             ) from None
-        model.hparams.update(recorded)
-        model.hparams.setdefault("adv_train", None)
+        model.hparams["adv_train"] = recorded
         return model.eval()
