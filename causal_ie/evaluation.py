@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -46,25 +45,27 @@ def autoencoder_cache(
 def build_attack_evaluation(
     cfg: DictConfig, classifier: nn.Module, explainers: dict[str, Explainer], unlabelled: tuple[str, ...] = ()
 ) -> AttackEvaluation | None:
-    """The attack study from ``attack`` and ``detection`` (None for ``attack=none``)."""
+    """The attack study of ``detection`` (a partial AttackEvaluation) with the ``attack``, the
+    classifier's findings and the CE explainers of the run (None for ``attack=none``)."""
     if not cfg.get("attack"):
         return None
     attack = instantiate(cfg.attack, _convert_="all")
-    settings = instantiate(cfg.get("detection", {}), _convert_="all")
-    for key in ("test_images", "reference_images", "adaptive"):  # settings of the run, not of the study
-        settings.pop(key, None)
+    study = instantiate(cfg.detection, _convert_="all")
     ce = {name: e for name, e in explainers.items() if name in ("ce", "ce_latent")}
     missing = tuple(getattr(classifier, "missing_findings", ()))
-    return AttackEvaluation(attack, classifier.findings, ce, seed=int(cfg.seed), missing_findings=missing,
-                            unlabelled_findings=unlabelled, **settings)
+    built: AttackEvaluation = study(attack=attack, findings=classifier.findings, explainers=ce,
+                                    missing_findings=missing, unlabelled_findings=unlabelled)
+    if attack.adaptive:
+        built.adaptive.check(built)  # an adaptive study that cannot run fails before the test loop
+    return built
 
 
-def reference_images(datamodule: L.LightningDataModule, limit: int) -> Iterator[Tensor]:
+def reference_images(datamodule: L.LightningDataModule, limit: int) -> list[Tensor]:
     """Up to ``limit`` clean validation images in batches: the detectors' clean reference,
     disjoint from the test images they score."""
     loader = DataLoader(Subset(datamodule.dataset("val"), range(min(limit, len(datamodule.dataset("val"))))),
                         batch_size=datamodule.batch_size)
-    return (batch["image"] for batch in loader)
+    return [batch["image"] for batch in loader]
 
 
 def evaluate(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -78,9 +79,9 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     settings = instantiate(cfg.evaluation, _convert_="all")  # builds evaluation.deletion (an InterventionSpec)
     attack = build_attack_evaluation(cfg, classifier, explainers, labels.model_only)
     if attack is not None:
-        images = cfg.detection.get("test_images")  # the attack study's images: null, the whole test split
-        datamodule.test_subset = None if images is None else int(images)
-        attack.fit_reference(classifier, reference_images(datamodule, int(cfg.detection.get("reference_images", 500))))
+        datamodule.test_subset = attack.test_images  # the attack study's images: None, the whole test split
+        if attack.detection.needs_reference:
+            attack.fit_reference(classifier, reference_images(datamodule, attack.reference_images))
     # latent autoencoders (space=autoencoder) are fitted in CEEvaluation.on_test_start, on the device
     cache = autoencoder_cache(classifier, ckpt, cfg.paths.cache_dir, cfg.data)
     source = f"checkpoint {ckpt}" if ckpt is not None else f"model {classifier.hparams.backbone}"
@@ -115,9 +116,8 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         write_report(out_dir, results, sections, figures.figures)
         if attack is not None and attack.attack.adaptive and "skipped" not in results["detection"]:
             # after the rest is saved: it takes long
-            study = instantiate(cfg.detection.adaptive, _convert_="all")
-            rows = module.artefacts["attack"]["rows"]
-            results["detection"]["adaptive"] = study.run(attack, classifier, datamodule.dataset("test"), rows)
+            records = module.artefacts["attack"]["records"]
+            results["detection"]["adaptive"] = attack.adaptive.run(attack, classifier, datamodule.dataset("test"), records)
             write_results(out_dir, results)
             write_report(out_dir, results, sections, figures.figures)
         _print_summary(results, out_dir)
@@ -142,6 +142,6 @@ def _print_summary(results: dict[str, Any], out_dir: Path) -> None:
                 print(f"adaptive attack, {name:>9}: AUROC {scores['auroc']:.3f}")
         if "evasion" in d.get("adaptive", {}):
             e = d["adaptive"]["evasion"]
-            print(f"reached the goal below the CE detector's threshold: adaptive {e['adaptive']:.3f}, "
+            print(f"reached the goal below the {d['adaptive']['attacked']} detector's threshold: adaptive {e['adaptive']:.3f}, "
                   f"non-adaptive {e['non_adaptive']:.3f} (n={e['n']})")
     print(f"results: {out_dir / 'results.json'}\nreport:  {out_dir / 'report.md'}")

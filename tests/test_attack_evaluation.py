@@ -23,7 +23,7 @@ from causal_ie.outputs.schema import EVALUATION, problems
 # no CAMs or deletion curves: the attack study is what is tested here
 # the tiny checkpoint is barely trained, so few attacks succeed: score every pair
 ATTACK_EVAL = ["cams=[]", "evaluation.faithfulness=false", "detection.test_images=16", "detection.n_boot=200",
-               "detection.reference_images=32", "detection.features.latent_layer=null", "detection.pairs=all"]
+               "detection.reference_images=32", "detection.detectors.ce.latent_layer=null", "detection.pairs=all"]
 
 
 def test_attacked_evaluation_writes_attack_and_detection_results(tmp_path, checkpoint):
@@ -56,7 +56,7 @@ def test_attacked_evaluation_writes_attack_and_detection_results(tmp_path, check
         assert (tmp_path / "figures" / png).is_file() and f"figures/{png}" in report
     assert "## Adversarial attack: pgd" in report and "| noise_flip |" in report
     data = load_detection_data(tmp_path / "detection.npz")
-    assert data.features_clean.shape == data.features_adv.shape == (16, results["detection"]["features"])
+    assert data.features_clean.shape == data.features_adv.shape == (16, results["detection"]["ce"]["features"])
     # the module went back to eval mode after attacking (BatchNorm must not train on test data)
     assert not any(m.training for m in objects["module"].classifier.modules())
 
@@ -126,9 +126,15 @@ def test_detection_without_enough_changed_pairs_is_skipped_and_the_rest_is_kept(
 
 
 def test_bad_detection_settings_fail_before_any_work(tmp_path, checkpoint):
-    cfg = eval_cfg(tmp_path, checkpoint, *ATTACK_EVAL, "attack=fgsm", "detection.detector=svm")
-    with pytest.raises(ValueError, match="detection.detector='svm'"):
+    from hydra.errors import InstantiationException
+
+    cfg = eval_cfg(tmp_path, checkpoint, *ATTACK_EVAL, "attack=fgsm", "detection.detectors.ce.estimator=svm")
+    with pytest.raises(InstantiationException, match=r"estimator='svm'(.|\n)*detection.detectors.ce"):
         evaluate(cfg)
+    cfg = eval_cfg(tmp_path, checkpoint, *ATTACK_EVAL, "attack=fgsm", "detection.pairs=some")
+    with pytest.raises(ValueError, match="detection.pairs='some'"):
+        evaluate(cfg)
+    assert not (tmp_path / "results.json").exists()
 
 
 def test_unknown_attack_target_fails_before_any_work(tmp_path, checkpoint):
@@ -170,7 +176,7 @@ def test_attack_eps_sweep_summary_and_transfer(tmp_path, checkpoint):
 def test_adaptive_attacker_who_knows_the_ce_detector(tmp_path, checkpoint):
     cfg = eval_cfg(tmp_path, checkpoint, *ATTACK_EVAL, "attack=pgd", "attack.eps=0.05", "attack.steps=3",
                    "attack.adaptive=true", "detection.adaptive.images=8", "detection.adaptive.weights=[1.0]",
-                   "detection.adaptive.steps=2", "detection.features.grids=[4]", "detection.mahalanobis=false")
+                   "detection.adaptive.steps=2", "detection.detectors.ce.grids=[4]", "~detection.detectors.mahalanobis")
     results, _ = evaluate(cfg)
     assert problems(results, EVALUATION) == []
     adaptive = results["detection"]["adaptive"]

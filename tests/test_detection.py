@@ -16,14 +16,13 @@ from causal_ie.attacks.detection import (
     features_matrix,
     fit_detector,
     load_detection_data,
-    max_prob,
-    prediction_change_under_noise,
     save_detection_data,
     split_halves,
     tpr_at_fpr,
     transfer_auroc,
     transfer_matrix,
 )
+from causal_ie.attacks.detectors import max_prob, prediction_change_under_noise
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -187,7 +186,7 @@ def test_one_dimensional_features_are_one_feature():
 
 def test_detect_validation():
     clean, adv = shifted_pairs(8)
-    with pytest.raises(ValueError, match="detection.detector"):
+    with pytest.raises(ValueError, match="estimator must be one of"):
         detect(clean, adv, patient_groups(2), kind="svm")
     with pytest.raises(ValueError, match="same shape"):
         detect(clean, adv[:, :2], patient_groups(2))

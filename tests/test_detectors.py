@@ -12,8 +12,8 @@ from sklearn.covariance import LedoitWolf
 from torch import nn
 
 from causal_ie.attacks.detectors import (
-    LIDDetector,
-    MahalanobisDetector,
+    LocalIntrinsicDimensionality,
+    MahalanobisDistance,
     bit_depth_squeeze,
     classifier_layer,
     feature_squeezing_score,
@@ -183,7 +183,7 @@ def gaussian():
 
 def test_mahalanobis_single_gaussian_equals_direct_computation(gaussian):
     train, test = gaussian
-    detector = MahalanobisDetector(covariance="empirical").fit(torch.from_numpy(train))
+    detector = MahalanobisDistance(covariance="empirical").fit(torch.from_numpy(train))
     mu = train.mean(axis=0)
     inv = np.linalg.inv(np.cov(train.T, bias=True))
     expected = np.array([(x - mu) @ inv @ (x - mu) for x in test])
@@ -194,7 +194,7 @@ def test_mahalanobis_single_gaussian_equals_direct_computation(gaussian):
 
 def test_mahalanobis_ledoit_wolf_equals_direct_computation(gaussian):
     train, test = gaussian
-    detector = MahalanobisDetector().fit(train)
+    detector = MahalanobisDistance().fit(train)
     mu = train.mean(axis=0)
     inv = np.linalg.inv(LedoitWolf().fit(train).covariance_)
     expected = np.array([(x - mu) @ inv @ (x - mu) for x in test])
@@ -205,7 +205,7 @@ def test_mahalanobis_classes_share_a_covariance_and_take_the_nearest_mean(gaussi
     train, test = gaussian
     classes = np.array(["a", "b"] * 20)
     train = train + np.where(classes == "a", 0.0, 3.0)[:, None]
-    detector = MahalanobisDetector(covariance="empirical").fit(train, classes)
+    detector = MahalanobisDistance(covariance="empirical").fit(train, classes)
     means = [train[classes == c].mean(axis=0) for c in ("a", "b")]
     residuals = np.concatenate([train[classes == c] - m for c, m in zip(("a", "b"), means)])
     inv = np.linalg.inv(residuals.T @ residuals / len(train))
@@ -219,8 +219,8 @@ def test_mahalanobis_more_dimensions_than_images():
     rng = np.random.default_rng(1)
     train = rng.normal(size=(10, 50))
     with pytest.raises(ValueError, match="singular; use covariance='ledoit_wolf'"):
-        MahalanobisDetector(covariance="empirical").fit(train)
-    detector = MahalanobisDetector().fit(train)
+        MahalanobisDistance(covariance="empirical").fit(train)
+    detector = MahalanobisDistance().fit(train)
     far = detector.score(rng.normal(size=(5, 50)) + 5.0)
     near = detector.score(rng.normal(size=(5, 50)))
     assert torch.isfinite(far).all() and (far > near.max()).all()
@@ -229,12 +229,12 @@ def test_mahalanobis_more_dimensions_than_images():
 @pytest.mark.parametrize(
     "call, error, match",
     [
-        (lambda: MahalanobisDetector("shrunk"), ValueError, "covariance"),
-        (lambda: MahalanobisDetector().fit(np.ones(5)), ValueError, "features must be a non-empty 2-D"),
-        (lambda: MahalanobisDetector().fit(np.ones((4, 2)), [0, 1]), ValueError, "classes must be 1-D"),
-        (lambda: MahalanobisDetector().fit(np.ones((2, 2)), [0, 1]), ValueError, "more rows"),
-        (lambda: MahalanobisDetector().fit(np.eye(4)).score(np.ones((2, 3))), ValueError, "D = 4"),
-        (lambda: MahalanobisDetector().score(np.ones((2, 3))), RuntimeError, "fit"),
+        (lambda: MahalanobisDistance("shrunk"), ValueError, "covariance"),
+        (lambda: MahalanobisDistance().fit(np.ones(5)), ValueError, "features must be a non-empty 2-D"),
+        (lambda: MahalanobisDistance().fit(np.ones((4, 2)), [0, 1]), ValueError, "classes must be 1-D"),
+        (lambda: MahalanobisDistance().fit(np.ones((2, 2)), [0, 1]), ValueError, "more rows"),
+        (lambda: MahalanobisDistance().fit(np.eye(4)).score(np.ones((2, 3))), ValueError, "D = 4"),
+        (lambda: MahalanobisDistance().score(np.ones((2, 3))), RuntimeError, "fit"),
     ],
 )
 def test_mahalanobis_bad_input(call, error, match):
@@ -247,7 +247,7 @@ def test_mahalanobis_bad_input(call, error, match):
 
 def test_lid_by_hand():
     reference = np.array([[1.0, 0.0], [0.0, 2.0], [-4.0, 0.0], [0.0, -8.0]])
-    detector = LIDDetector(k=3).fit(reference)
+    detector = LocalIntrinsicDimensionality(k=3).fit(reference)
     # from the origin: distances 1, 2, 4 (8 is the 4th) -> LID = 3 / (log 4 + log 2 + log 1)
     points = np.array([[0.0, 0.0], [1.0, 0.0]])
     score = detector.score(points)
@@ -258,8 +258,8 @@ def test_lid_by_hand():
 
 def test_lid_bad_input():
     with pytest.raises(ValueError, match="k must be"):
-        LIDDetector(k=0)
+        LocalIntrinsicDimensionality(k=0)
     with pytest.raises(ValueError, match="at least k = 5"):
-        LIDDetector(k=5).fit(np.ones((3, 2)))
+        LocalIntrinsicDimensionality(k=5).fit(np.ones((3, 2)))
     with pytest.raises(RuntimeError, match="fit"):
-        LIDDetector().score(np.ones((3, 2)))
+        LocalIntrinsicDimensionality().score(np.ones((3, 2)))

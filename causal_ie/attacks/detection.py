@@ -8,9 +8,8 @@ members of a pair always fall in the same half, so nothing about a test image
 or its patient is seen in training: the AUROC measures generalisation to new
 patients, not memorisation.
 
-Baseline scores that need no CE maps: :func:`max_prob` (confidence) and
-:func:`prediction_change_under_noise` (attacked inputs sit near a decision
-boundary, so small noise moves their predictions more).
+The detectors whose features these functions fit and score are in
+:mod:`causal_ie.attacks.detectors`.
 
 :class:`DetectionData` is what one evaluate run saves, so detectors trained on
 one run (e.g. one attack) can be scored on another (:func:`transfer_matrix`).
@@ -18,14 +17,13 @@ one run (e.g. one attack) can be scored on another (:func:`transfer_matrix`).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
-import torch
 from sklearn.ensemble import HistGradientBoostingClassifier
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score, roc_curve
@@ -35,12 +33,13 @@ from torch import Tensor
 
 from causal_ie.io import atomic_open
 
-DETECTORS: tuple[str, ...] = ("logistic", "gbm")
+# the clean-vs-adversarial classifiers a detector fits on its features
+ESTIMATORS: tuple[str, ...] = ("logistic", "gbm")
 DETECTION_FILE = "detection.npz"  # what one evaluate run saves (DetectionData), for transfer between runs
 
 __all__ = [
     "DETECTION_FILE",
-    "DETECTORS",
+    "ESTIMATORS",
     "auroc_difference",
     "crossfit_scores",
     "score_detector",
@@ -51,8 +50,6 @@ __all__ = [
     "features_matrix",
     "fit_detector",
     "load_detection_data",
-    "max_prob",
-    "prediction_change_under_noise",
     "save_detection_data",
     "split_halves",
     "tpr_at_fpr",
@@ -184,8 +181,8 @@ def fit_detector(
     Both pipelines first map non-finite values to 0, at fit and predict time,
     so a NaN feature never crashes either step.
     """
-    if kind not in DETECTORS:
-        raise ValueError(f"detection.detector must be one of {', '.join(DETECTORS)}; got {kind!r}")
+    if kind not in ESTIMATORS:
+        raise ValueError(f"estimator must be one of {', '.join(ESTIMATORS)}; got {kind!r}")
     clean, adv = _pairs(features_clean, features_adv)
     rows = _mask(train, len(clean), "train")
     x, y = _stack(clean, adv, rows)
@@ -247,6 +244,7 @@ def crossfit_scores(
     kind: str = "logistic",
     seed: int = 0,
     repeats: int = 1,
+    fit: Callable[[np.ndarray, np.ndarray, np.ndarray, int], Any] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, int]:
     """Out-of-sample detector scores of every image pair: ``(scores_clean [N], scores_adv [N],
     images in a training half)``.
@@ -255,7 +253,9 @@ def crossfit_scores(
     on one half and score the other, then the other way round, so each pair is scored by a
     detector that never saw its patient; with ``repeats`` > 1 the scores are averaged over
     splits with seeds ``seed, seed + 1, ...``. All N pairs then enter one AUROC with a
-    patient-bootstrap interval, instead of a mean over half-size test sets.
+    patient-bootstrap interval, instead of a mean over half-size test sets. ``fit(clean, adv,
+    train, seed)`` fits the estimator (a detector's own :meth:`~causal_ie.attacks.detectors.Detector.fit`);
+    by default :func:`fit_detector` of ``kind``.
     """
     clean, adv = _pairs(features_clean, features_adv)
     if len(groups) != len(clean):
@@ -265,7 +265,10 @@ def crossfit_scores(
     for r in range(int(repeats)):
         first = split_halves(groups, seed + r)
         for train in (first, ~first):
-            estimator = fit_detector(clean, adv, train, kind=kind, seed=seed + r)
+            if fit is None:
+                estimator = fit_detector(clean, adv, train, kind=kind, seed=seed + r)
+            else:
+                estimator = fit(clean, adv, train, seed + r)
             test = ~train
             scores_clean[test] += estimator.predict_proba(clean[test])[:, 1]
             scores_adv[test] += estimator.predict_proba(adv[test])[:, 1]
@@ -334,73 +337,6 @@ def features_matrix(features: Mapping[str, Tensor | np.ndarray]) -> tuple[np.nda
     if len(lengths) != 1:
         raise ValueError(f"features must all have the same length N, got {dict(zip(names, map(len, columns)))}")
     return np.stack(columns, axis=1), names
-
-
-# ----------------------------------------------------------------------------- baselines
-
-
-def prediction_change_under_noise(
-    model: torch.nn.Module,
-    images: Tensor,
-    std: float = 0.01,
-    draws: int = 4,
-    seed: int | Sequence[int] = 0,
-) -> Tensor:
-    """The ``noise_flip`` baseline score ``[N]``: how much Gaussian noise moves the predictions.
-
-    ``seed`` may be one integer per image: then each image's noise is the same
-    whichever batch (or DDP process) it lands in.
-
-    Mean over ``draws`` draws of ``N(0, std^2)`` pixel noise (``[0, 1]`` units;
-    the noisy image is clamped to ``[0, 1]``; noise from a ``torch.Generator``
-    on the images' device seeded with ``seed``) of the mean absolute change of
-    the sigmoid probabilities over the findings (NaN ones, which the model does not
-    predict, left out), relative to the prediction on
-    ``images`` as given. ``model`` maps ``[N, C, H, W]`` images to logits
-    ``[N, K]`` and is used in its current mode (call ``model.eval()`` first).
-    """
-    if not std >= 0:
-        raise ValueError(f"std must be >= 0, got {std!r}")
-    if int(draws) != draws or draws < 1:
-        raise ValueError(f"draws must be an integer >= 1, got {draws!r}")
-    if images.ndim != 4:
-        raise ValueError(f"images must be [N, C, H, W], got shape {tuple(images.shape)}")
-    n, draws = images.shape[0], int(draws)
-    if isinstance(seed, int):
-        generator = torch.Generator(device=images.device).manual_seed(seed)
-        noise = torch.randn((draws, *images.shape), generator=generator, device=images.device, dtype=images.dtype)
-    else:
-        if len(seed) != n:
-            raise ValueError(f"seed: one per image expected ({n}), got {len(seed)}")
-        noise = torch.stack(
-            [
-                torch.randn(
-                    (draws, *images.shape[1:]),
-                    generator=torch.Generator(device=images.device).manual_seed(int(s)),
-                    device=images.device,
-                    dtype=images.dtype,
-                )
-                for s in seed
-            ],
-            dim=1,
-        )
-    with torch.no_grad():
-        base = torch.sigmoid(model(images).reshape(n, -1).float())
-        total = torch.zeros(n, device=base.device)
-        for d in range(draws):
-            noisy = (images + std * noise[d]).clamp(0.0, 1.0)
-            probs = torch.sigmoid(model(noisy).reshape(n, -1).float())
-            total += (probs - base).abs().nanmean(dim=1)
-    return total / draws
-
-
-def max_prob(probs: Tensor) -> Tensor:
-    """The ``max_prob`` baseline score: max over findings of the predicted probability, ``[N, K] -> [N]``
-    (NaN probabilities, of findings the model does not predict, left out)."""
-    probs = torch.as_tensor(probs)
-    if probs.ndim != 2:
-        raise ValueError(f"probs must be [N, K], got shape {tuple(probs.shape)}")
-    return probs.nan_to_num(float("-inf")).amax(dim=1)
 
 
 # ----------------------------------------------------------------------------- saved runs, transfer

@@ -41,6 +41,8 @@ from causal_ie.interventions.windows import WindowGrid
 from causal_ie.runtime import eval_mode, to_model
 
 PER_FINDING = ("max", "min", "l1", "flip")
+# the names of the features that read the latent layer (the rest read pixel-space CE)
+LATENT_PREFIXES = ("latent.", "agreement.")
 
 
 def region_features(
@@ -105,7 +107,7 @@ def agreement(pixel: Tensor, latent: Tensor, logits: Tensor) -> Tensor:
 
 
 class CEFeatureExtractor:
-    """Detector features of images from the CE of every finding (``detection.features``).
+    """Detector features of images from the CE of every finding (``detection.detectors.ce``).
 
     Args:
         grids: windows per image side; each grid's windows tile the image (stride = window).
@@ -128,9 +130,9 @@ class CEFeatureExtractor:
         batch_size: int = 256,
     ):
         if not grids or any(int(g) < 1 for g in grids):
-            raise ValueError(f"detection.features.grids must be windows per side >= 1, got {list(grids)}")
+            raise ValueError(f"detection.detectors.ce.grids must be windows per side >= 1, got {list(grids)}")
         if not baselines:
-            raise ValueError("detection.features.baselines must name at least one baseline")
+            raise ValueError("detection.detectors.ce.baselines must name at least one baseline")
         self.grids, self.baselines = tuple(int(g) for g in grids), tuple(baselines)
         self.specs = {b: InterventionSpec(baseline=b, outcome=outcome, batch_size=batch_size) for b in self.baselines}
         self.outcome, self.nearest, self.latent_layer = outcome, int(nearest), latent_layer
@@ -160,7 +162,7 @@ class CEFeatureExtractor:
         with eval_mode(model), torch.set_grad_enabled(differentiable):
             logits = model(to_model(model, images))
         if self.outcome != "logit":
-            raise ValueError(f"detection.features.outcome={self.outcome!r}: the flip features need logit effects")
+            raise ValueError(f"detection.detectors.ce.outcome={self.outcome!r}: the flip features need logit effects")
         views = self.effects(model, images, differentiable)
         features: dict[str, Tensor] = {}
         for name, effects in views.items():

@@ -80,16 +80,18 @@ class AttackReport:
                   and "skipped" not in det}
         if scored:
             rows = [
-                [k, result_cell(v, "auroc"), result_cell(v, "tpr@5fpr"), v.get("n_test", "?"), v.get("n_train", "?")]
+                [k, result_cell(v, "auroc"), result_cell(v, "tpr@5fpr"), v.get("n_test", "?"), v.get("n_train", "?"),
+                 v.get("features", "?"), v.get("estimator", "?")]
                 for k, v in scored.items()
                 if k not in ("changed_pairs", "adaptive")
             ]
             parts += [
-                f"### Detection on {det.get('images', '?')} {det.get('pairs', '?')} pairs ({det.get('detector', '?')} "
-                "CE detector; every pair scored by detectors fitted on the other half of the patients, "
-                f"{det.get('repeats', 1)} cross-fits; 95 % patient-bootstrap intervals)",
+                f"### Detection on {det.get('images', '?')} {det.get('pairs', '?')} pairs (every pair scored by "
+                f"detectors fitted on the other half of the patients, {det.get('repeats', 1)} cross-fits; 95 % "
+                "patient-bootstrap intervals)",
                 "",
-                markdown_table(["detector", "AUROC", "TPR at 5% FPR", "pairs scored", "pairs per training half"], rows),
+                markdown_table(["detector", "AUROC", "TPR at 5% FPR", "pairs scored", "pairs per training half",
+                                "features", "estimator"], rows),
                 "",
                 "ROC curves: the pooled out-of-sample scores.",
                 "",
@@ -152,11 +154,11 @@ class AttackReport:
             "",
             markdown_table(["detector", "AUROC non-adaptive", "AUROC adaptive", "pairs", "verdict"], rows),
             "",
-            *AttackReport._evasion(adaptive.get("evasion")),
+            *AttackReport._evasion(adaptive.get("evasion"), attacked),
         ]
 
     @staticmethod
-    def _evasion(evasion: Mapping[str, Any] | None) -> list[str]:
+    def _evasion(evasion: Mapping[str, Any] | None, attacked: str) -> list[str]:
         if not evasion:
             return []
         rates = [
@@ -166,7 +168,7 @@ class AttackReport:
         ]
         return [
             f"What a defender pays: the share of the {evasion.get('n', '?')} attacked images that reached the "
-            "attack's goal and stayed below the CE detector's 5 %-FPR threshold (95 % paired patient-bootstrap "
+            f"attack's goal and stayed below the {attacked} detector's 5 %-FPR threshold (95 % paired patient-bootstrap "
             "intervals):",
             "",
             markdown_table(["attack", "reached the goal unseen"], rates),
@@ -196,8 +198,8 @@ class DetectionTransfer:
 
     Only runs that differ in attack settings alone are compared (a detector trained on
     8 px CE maps says nothing about 16 px ones): one matrix per combination of the other
-    swept settings, ``transfer[_<i>].csv/png``. The detector is the runs'
-    ``detection.detector``, on each run's first split.
+    swept settings, ``transfer[_<i>].csv/png``. The detector is the runs' CE detector's
+    estimator (``detection.ce.estimator``), on each run's first split.
     """
 
     def __call__(self, sweep_dir: Path, runs: pd.DataFrame, params: Sequence[str]) -> tuple[dict[str, Path], list[str]]:
@@ -211,7 +213,8 @@ class DetectionTransfer:
             context = ", ".join(f"{p}={row[p]}" for p in other_params)
             label = ", ".join(f"{p}={row[p]}" for p in attack_params) or str(row["run"])
             groups.setdefault(context, {})[label] = load_detection_data(path)
-        detectors = runs["detection.detector"].dropna() if "detection.detector" in runs else pd.Series(dtype=object)
+        key = "detection.ce.estimator"
+        detectors = runs[key].dropna() if key in runs else pd.Series(dtype=object)
         kind = str(detectors.iloc[0]) if len(detectors) else "logistic"
         files: dict[str, Path] = {}
         lines: list[str] = []

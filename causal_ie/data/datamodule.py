@@ -18,7 +18,7 @@ from causal_ie.data.errors import DataError
 from causal_ie.data.findings import NIH14
 from causal_ie.data.relabel import RelabelledDataset
 from causal_ie.labels import LabelAlignment, LabelSpace, align
-from causal_ie.data.transforms import BoxAwareAugment, TransformedDataset
+from causal_ie.data.transforms import BoxAwareAugment, IndexedDataset, TransformedDataset
 
 log = logging.getLogger(__name__)
 
@@ -301,6 +301,8 @@ class ChestXray14DataModule(L.LightningDataModule):
         ds = self.dataset(split)
         if split == "train" and self.augmentation is not None:
             ds = TransformedDataset(ds, self.augmentation)
+        if split == "test":  # batches name their images by index in dataset("test")
+            ds = IndexedDataset(ds)
         sampler = None
         if split == "test" and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             # Shard without padding duplicates, so sharded test metrics equal one process's.

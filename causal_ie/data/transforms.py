@@ -70,3 +70,17 @@ class TransformedDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict:
         return self.transform(self.dataset[index])
+
+
+class IndexedDataset(torch.utils.data.Dataset):
+    """Adds each item's index in ``dataset`` as ``"index"``, so per-image records can name the
+    image by its place in the split (``dataset[index]``) rather than by a hash of its id."""
+
+    def __init__(self, dataset: torch.utils.data.Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict:
+        return {**self.dataset[index], "index": index}

@@ -157,14 +157,15 @@ DETECTOR_SCORES: Tree = {
     "tpr@5fpr": Key(float, "true positive rate at 5 % false positive rate, same scores", True),
     "n_test": Key(int, "image pairs scored"),
     "n_train": Key(int, "image pairs the smallest training half held"),
+    "features": Key(int, "features per image the detector's estimator is fitted on"),
+    "estimator": Key(str, "the clean-vs-adversarial classifier fitted on them: logistic or gbm"),
+    "target": Key(str, "the detector's class (detection.detectors.<detector>._target_)"),
     "auroc_minus": {
-        "<detector>": Key(float, "this detector's AUROC minus the baseline detector's on the same pairs", True),
+        "<detector>": Key(float, "this detector (one that reads CE) minus a detector that does not, AUROC on the same pairs", True),
     },
 }
 
 DETECTION: Tree = {
-    "detector": Key(str, "the classifier on the CE features: logistic or gbm"),
-    "features": Key(int, "CE features per image"),
     "pairs": Key(str, "which (clean, adversarial) pairs enter: successful (the attack reached its goal), changed or all"),
     "images": Key(int, "image pairs the detectors were fitted and scored on"),
     "repeats": Key(int, "cross-fits averaged per detector"),
@@ -177,7 +178,7 @@ DETECTION: Tree = {
         }
     },
     "adaptive": {
-        "attacked": Key(str, "the detector the adaptive attacker differentiates through (ce)"),
+        "attacked": Key(str, "the detector the adaptive attacker differentiates through (detection.adaptive.against)"),
         "images": Key(int, "clean images attacked again by the adaptive attacker"),
         "success_rate": Key(float, "share of them where the adaptive attack still reached its goal"),
         "weights": Key(list, "the attacker's lambda schedule (loss - lambda * detector logit)"),
@@ -185,7 +186,7 @@ DETECTION: Tree = {
         "selective": Key(bool, "selective steps: an image whose finding flipped steps on the detector's logit alone"),
         "evasion": {
             "n": Key(int, "clean images attacked adaptively"),
-            "adaptive": Key(float, "share of them the adaptive attack took to its goal below the CE detector's 5 %-FPR threshold", True),
+            "adaptive": Key(float, "share of them the adaptive attack took to its goal below the attacked detector's 5 %-FPR threshold", True),
             "non_adaptive": Key(float, "the same share for the non-adaptive attack on the same images", True),
             "difference": Key(float, "adaptive minus non-adaptive (paired patient bootstrap)", True),
         },
