@@ -173,25 +173,45 @@ def test_attack_eps_sweep_summary_and_transfer(tmp_path, checkpoint):
         assert matrix[i, i] == pytest.approx(own, abs=1e-9)
 
 
+ADAPTIVE = ["attack=pgd", "attack.eps=0.05", "attack.steps=3", "attack.adaptive=true", "detection.adaptive.images=8",
+            "detection.adaptive.weights=[1.0]", "detection.adaptive.steps=2", "detection.detectors.ce.grids=[4]",
+            "~detection.detectors.mahalanobis"]
+
+
 def test_adaptive_attacker_who_knows_the_ce_detector(tmp_path, checkpoint):
-    cfg = eval_cfg(tmp_path, checkpoint, *ATTACK_EVAL, "attack=pgd", "attack.eps=0.05", "attack.steps=3",
-                   "attack.adaptive=true", "detection.adaptive.images=8", "detection.adaptive.weights=[1.0]",
-                   "detection.adaptive.steps=2", "detection.detectors.ce.grids=[4]", "~detection.detectors.mahalanobis")
+    cfg = eval_cfg(tmp_path, checkpoint, *ATTACK_EVAL, *ADAPTIVE, "detection.adaptive.against=ce")
     results, _ = evaluate(cfg)
     assert problems(results, EVALUATION) == []
     adaptive = results["detection"]["adaptive"]
-    assert adaptive["attacked"] == "ce" and adaptive["images"] >= 8 and adaptive["weights"] == [1.0]
-    succeeded = round(adaptive["success_rate"] * adaptive["images"])
-    if succeeded:  # every detector scored the same successful adaptive pairs
-        for name in ("ce", "max_prob", "noise_flip", "feature_squeezing", "combined"):
-            assert adaptive[name]["n_test"] == succeeded, name
-            assert adaptive[name]["auroc_ci_low"] <= adaptive[name]["auroc"] <= adaptive[name]["auroc_ci_high"]
-    evasion = adaptive["evasion"]
+    assert adaptive["attacked"] == ["ce"] and adaptive["images"] >= 8 and adaptive["weights"] == [1.0]
+    for name in ("ce", "max_prob", "noise_flip", "feature_squeezing", "combined"):  # every detector scored the same pairs
+        assert adaptive[name]["n_test"] == adaptive["images"], name  # detection.pairs=all
+        assert adaptive[name]["auroc_ci_low"] <= adaptive[name]["auroc"] <= adaptive[name]["auroc_ci_high"]
+    evasion, before = adaptive["evasion"], adaptive["non_adaptive_evasion"]
     assert evasion["n"] == adaptive["images"] and adaptive["selective"] is True and adaptive["steps"] == 2
-    assert evasion["adaptive"] <= adaptive["success_rate"] + 1e-12  # evading needs reaching the goal first
-    assert evasion["difference"] == pytest.approx(evasion["adaptive"] - evasion["non_adaptive"], abs=1e-12)
+    for name in ("ce", "max_prob", "all"):
+        assert evasion[name] <= adaptive["success_rate"] + 1e-12  # evading needs reaching the goal first
+        assert adaptive["evasion_difference"][name] == pytest.approx(evasion[name] - before[name], abs=1e-12)
+    # unseen by all detectors at once is rarer than unseen by any one of them
+    assert evasion["all"] <= min(evasion[n] for n in ("ce", "max_prob", "noise_flip", "feature_squeezing", "combined"))
     report = (tmp_path / "report.md").read_text()
-    assert "Against an adaptive attacker" in report and "reached the goal unseen" in report
+    assert "Against an adaptive attacker (knows ce)" in report and "| all at once |" in report
+    assert "| max_prob (not attacked) |" in report
+
+
+def test_joint_attacker_with_eps_zero_evades_nothing_and_every_auroc_is_chance(tmp_path, checkpoint):
+    """eps = 0: the adaptive images are the clean ones. No attack reaches its goal, so nothing
+    evades, and every detector scores its clean copies exactly as the clean images (0.5)."""
+    cfg = eval_cfg(tmp_path, checkpoint, *ATTACK_EVAL, *ADAPTIVE, "attack.eps=0.0")
+    results, _ = evaluate(cfg)
+    adaptive = results["detection"]["adaptive"]
+    assert adaptive["against"] == "all" and adaptive["not_attacked"] == []
+    assert set(adaptive["attacked"]) == {"ce", "max_prob", "noise_flip", "feature_squeezing", "combined"}
+    assert adaptive["success_rate"] == 0.0
+    for name in ("ce", "max_prob", "noise_flip", "feature_squeezing", "combined", "all"):
+        assert adaptive["evasion"][name] == 0.0 and adaptive["non_adaptive_evasion"][name] == 0.0, name
+    for name in ("ce", "max_prob", "noise_flip", "feature_squeezing", "combined"):
+        assert adaptive[name]["auroc"] == 0.5 and adaptive[name]["n_test"] == adaptive["images"], name
 
 
 def test_evasion_rates_and_their_paired_difference_by_hand():
@@ -199,11 +219,15 @@ def test_evasion_rates_and_their_paired_difference_by_hand():
 
     from causal_ie.attacks.adaptive_study import AdaptiveStudy
 
-    evaded = {"adaptive": [np.array([1, 0, 1]), np.array([1, 1, 0, 1, 1])],
-              "non_adaptive": [np.array([0, 0, 1]), np.array([0, 1, 0, 0, 0])]}
+    evaded = {"adaptive": {"ce": [np.array([1, 0, 1]), np.array([1, 1, 0, 1, 1])],
+                           "all": [np.array([1, 0, 0]), np.array([0, 1, 0, 1, 0])]},
+              "non_adaptive": {"ce": [np.array([0, 0, 1]), np.array([0, 1, 0, 0, 0])],
+                               "all": [np.array([0, 0, 0]), np.array([0, 0, 0, 0, 0])]}}
     groups = ["a", "b", "c", "d", "e", "f", "g", "h"]
     out = AdaptiveStudy._evasion(evaded, groups, SimpleNamespace(n_boot=500, seed=0))
-    assert out["n"] == 8
-    assert out["adaptive"] == pytest.approx(6 / 8) and out["non_adaptive"] == pytest.approx(2 / 8)
-    assert out["difference"] == pytest.approx(4 / 8)
-    assert out["difference_ci_low"] <= 0.5 <= out["difference_ci_high"] and out["difference_ci_low"] > 0
+    assert out["evasion"]["n"] == 8
+    assert out["evasion"]["ce"] == pytest.approx(6 / 8) and out["non_adaptive_evasion"]["ce"] == pytest.approx(2 / 8)
+    assert out["evasion_difference"]["ce"] == pytest.approx(4 / 8)
+    low, high = out["evasion_difference"]["ce_ci_low"], out["evasion_difference"]["ce_ci_high"]
+    assert low <= 0.5 <= high and low > 0
+    assert out["evasion"]["all"] == pytest.approx(3 / 8) and out["non_adaptive_evasion"]["all"] == 0.0

@@ -99,13 +99,16 @@ def test_the_detector_set_is_the_configs_choice(tmp_path, checkpoint):
          r"detection.detectors.bad is a dict: expected a detector"),
         ("detection.detectors.combined.of=[ce,nothing]", ValueError, r"combined.of names \['nothing'\]"),
         ("detection.detectors.noise_flip.std=-1", InstantiationException, r"noise_flip.std must be"),
-        ("detection.adaptive.against=feature_squeezing", ValueError,
-         r"against='feature_squeezing': FeatureSqueezingDetector gives the attacker no gradient"),
-        ("detection.adaptive.against=mine", ValueError, r"against='mine': expected one of the selected detectors"),
+        ("+detection.detectors.brightness={_target_:test_detector_plugins.BrightnessDetector} "
+         "detection.adaptive.against=brightness", ValueError,
+         r"against='brightness': BrightnessDetector gives the attacker no gradient"),
+        ("detection.detectors.ce.estimator=gbm detection.adaptive.against=ce", ValueError,
+         r"against='ce': its estimator is 'gbm'"),
+        ("detection.adaptive.against=mine", ValueError, r"against='mine': expected all or one of the selected detectors"),
     ],
 )
 def test_bad_detectors_fail_before_the_test_loop(tmp_path, checkpoint, override, error, message):
-    cfg = eval_cfg(tmp_path, checkpoint, *ATTACK, "attack.adaptive=true", override)
+    cfg = eval_cfg(tmp_path, checkpoint, *ATTACK, "attack.adaptive=true", *override.split(" "))
     with pytest.raises(error, match=message):
         evaluate(cfg)
     assert not (tmp_path / "results.json").exists()

@@ -168,21 +168,26 @@ def test_adaptive_section_labels_each_detector_by_its_intervals():
     det = {
         "ce": scores(0.98, 0.97, 0.99), "noise_flip": scores(0.88, 0.86, 0.90), "max_prob": scores(0.74, 0.70, 0.77),
         "adaptive": {
-            "attacked": "ce", "images": 10, "success_rate": 0.9, "weights": [0.01], "steps": 20, "selective": True,
+            "attacked": ["ce", "max_prob"], "not_attacked": ["noise_flip"], "eot_samples": 4, "images": 10,
+            "success_rate": 0.9, "weights": [0.01], "steps": 20, "selective": True,
             "ce": {**scores(0.13, 0.09, 0.17), "n_test": 9},            # falls: interval below the plain one
             "noise_flip": {**scores(0.86, 0.83, 0.89), "n_test": 9},    # overlaps: holds, though not attacked
             "max_prob": {**scores(0.72, 0.69, 0.75), "n_test": 9},
-            "evasion": {"n": 10, "adaptive": 0.9, "adaptive_ci_low": 0.7, "adaptive_ci_high": 1.0,
-                        "non_adaptive": 0.1, "non_adaptive_ci_low": 0.0, "non_adaptive_ci_high": 0.3,
-                        "difference": 0.8, "difference_ci_low": 0.5, "difference_ci_high": 1.0},
+            "evasion": {"n": 10, "ce": 0.9, "ce_ci_low": 0.7, "ce_ci_high": 1.0, "all": 0.2, "all_ci_low": 0.0,
+                        "all_ci_high": 0.4},
+            "non_adaptive_evasion": {"ce": 0.1, "ce_ci_low": 0.0, "ce_ci_high": 0.3, "all": 0.0, "all_ci_low": 0.0,
+                                     "all_ci_high": 0.0},
+            "evasion_difference": {"ce": 0.8, "ce_ci_low": 0.5, "ce_ci_high": 1.0, "all": 0.2, "all_ci_low": 0.0,
+                                   "all_ci_high": 0.4},
         },
     }
     text = "\n".join(AttackReport._adaptive(det))
-    assert "| ce | 0.980 [0.970, 0.990] | 0.130 [0.090, 0.170] | 9 | non-adaptive attacker only |" in text
-    assert "| noise_flip | 0.880 [0.860, 0.900] | 0.860 [0.830, 0.890] | 9 | holds (not the detector attacked) |" in text
-    assert "20 steps, selective" in text
-    assert "| adaptive minus non-adaptive | 0.800 [0.500, 1.000] |" in text
-    assert "evasion" not in text.split("| detector |")[1].split("What a defender pays")[0]  # no row for it
+    assert "knows ce, max_prob" in text and "Not attacked (no gradient): noise_flip." in text
+    assert ("| ce | 0.980 [0.970, 0.990] | 0.130 [0.090, 0.170] | n/a | 9 | 0.100 [0.000, 0.300] | 0.900 [0.700, 1.000] "
+            "| 0.800 [0.500, 1.000] | non-adaptive attacker only |") in text
+    assert "| noise_flip (not attacked) | 0.880 [0.860, 0.900] | 0.860 [0.830, 0.890] |" in text
+    assert "| all at once |  |  |  |  | 0.000 [0.000, 0.000] | 0.200 [0.000, 0.400] | 0.200 [0.000, 0.400] |  |" in text
+    assert "20 steps, selective" in text and "EOT over 4 draws" in text
 
 
 def test_every_interval_sits_in_its_values_cell(tmp_path):

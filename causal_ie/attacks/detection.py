@@ -42,6 +42,7 @@ __all__ = [
     "ESTIMATORS",
     "auroc_difference",
     "crossfit_scores",
+    "decision_scores",
     "score_detector",
     "DetectionData",
     "DetectionResult",
@@ -192,6 +193,15 @@ def fit_detector(
     else:
         steps = [finite, ("clf", HistGradientBoostingClassifier(max_iter=100, random_state=seed))]
     return Pipeline(steps).fit(x, y)
+
+
+def decision_scores(estimator: Any, x: np.ndarray) -> np.ndarray:
+    """The estimator's decision function on ``x`` (higher = adversarial): ``decision_function``
+    where it has one (the log-odds of a logistic regression), else the log-odds of ``predict_proba``."""
+    if hasattr(estimator, "decision_function"):
+        return np.asarray(estimator.decision_function(x), dtype=float)
+    p = np.clip(np.asarray(estimator.predict_proba(x))[:, 1], 1e-12, 1 - 1e-12)
+    return np.log(p / (1 - p))
 
 
 def evaluate_detector(

@@ -178,22 +178,29 @@ DETECTION: Tree = {
         }
     },
     "adaptive": {
-        "attacked": Key(str, "the detector the adaptive attacker differentiates through (detection.adaptive.against)"),
+        "against": Key(str, "what the adaptive attacker was set to attack: all, or one detector"),
+        "attacked": Key(list, "the detectors the attacker differentiated through"),
+        "not_attacked": Key(list, "selected detectors it could not differentiate through (still scored)"),
+        "eot_samples": Key(int, "draws averaged per attacker step for randomised detectors"),
         "images": Key(int, "clean images attacked again by the adaptive attacker"),
         "success_rate": Key(float, "share of them where the adaptive attack still reached its goal"),
         "weights": Key(list, "the attacker's lambda schedule (loss - lambda * detector logit)"),
         "steps": Key(int, "PGD steps per lambda"),
-        "selective": Key(bool, "selective steps: an image whose finding flipped steps on the detector's logit alone"),
+        "selective": Key(bool, "selective steps: an image whose finding flipped steps on the detectors' logit alone"),
         "evasion": {
             "n": Key(int, "clean images attacked adaptively"),
-            "adaptive": Key(float, "share of them the adaptive attack took to its goal below the attacked detector's 5 %-FPR threshold", True),
-            "non_adaptive": Key(float, "the same share for the non-adaptive attack on the same images", True),
-            "difference": Key(float, "adaptive minus non-adaptive (paired patient bootstrap)", True),
+            "<detector>": Key(float, "share of them the adaptive attack took to its goal below the detector's 5 %-FPR threshold; all: below every selected detector's at once", True),
+        },
+        "non_adaptive_evasion": {
+            "<detector>": Key(float, "the same share for the non-adaptive attack on the same images", True),
+        },
+        "evasion_difference": {
+            "<detector>": Key(float, "adaptive minus non-adaptive evasion (paired patient bootstrap)", True),
         },
         "<detector>": {
             "auroc": Key(float, "the detector (fitted on the other patients' non-adaptive pairs) on clean vs adaptive images", True),
             "tpr@5fpr": Key(float, "its true positive rate at 5 % false positive rate", True),
-            "n_test": Key(int, "successful adaptive pairs scored"),
+            "n_test": Key(int, "adaptive pairs scored (as detection.pairs selects them)"),
         },
     },
 }

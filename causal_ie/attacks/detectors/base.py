@@ -67,7 +67,12 @@ class Detector:
         """Features ``{name: [B]}`` of ``images`` [B, C, H, W] in [0, 1]. ``probs`` [B, K]: the
         classifier's probabilities on them (NaN for findings it does not predict);
         ``index`` [B]: the images' dataset indices, e.g. to seed per-image draws so an image
-        gets the same draws in any batch or process."""
+        gets the same draws in any batch or process.
+
+        ``differentiable=True`` (the adaptive attacker's call, only for ``differentiable``
+        detectors): the features keep their autograd graph w.r.t. ``images``; ``probs`` and
+        ``index`` are then None (compute what is needed from ``images``; a randomised detector
+        draws fresh randomness)."""
         raise NotImplementedError(f"{type(self).__name__} must define features(classifier, images, probs, index)")
 
     def fit(self, clean: np.ndarray, adv: np.ndarray, train: np.ndarray, seed: int = 0) -> Any:

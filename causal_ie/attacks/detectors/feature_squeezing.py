@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from causal_ie import validators
+from causal_ie.attacks.adaptive import bpda
 from causal_ie.attacks.detectors.base import Detector, check_images
 from causal_ie.runtime import eval_mode, to_model
 
@@ -63,7 +64,8 @@ def _probabilities(model: nn.Module, images: Tensor) -> Tensor:
 
 
 def feature_squeezing_score(
-    model: nn.Module, images: Tensor, bit_depth: int | None = 5, median_size: int | None = 2
+    model: nn.Module, images: Tensor, bit_depth: int | None = 5, median_size: int | None = 2,
+    differentiable: bool = False,
 ) -> Tensor:
     """Feature-squeezing score ``[N]`` (Xu et al. 2018, joint detection with several squeezers).
 
@@ -74,18 +76,25 @@ def feature_squeezing_score(
     ``bit_depth`` bits and :func:`median_squeeze` with a ``median_size`` window;
     either may be None to leave it out (not both). Images in [0, 1], float32
     on the images' device.
+
+    ``differentiable``: the score keeps its autograd graph; the squeezers, flat almost
+    everywhere (rounding) or a selection (the median), pass the gradient through unchanged
+    (BPDA with the identity, Athalye et al. 2018), so the attacker follows ``p(s(x))`` as if
+    ``s(x) = x`` inside the squeezer.
     """
     images = check_images(images)
     squeezers: list[Callable[[Tensor], Tensor]] = []
     if bit_depth is not None:
-        bit_depth_squeeze(images[:1, :, :1, :1], bit_depth)  # validate before running the model
+        bit_depth_squeeze(images[:1, :, :1, :1].detach(), bit_depth)  # validate before running the model
         squeezers.append(lambda x: bit_depth_squeeze(x, bit_depth))
     if median_size is not None:
-        median_squeeze(images[:1], median_size)
+        median_squeeze(images[:1].detach(), median_size)
         squeezers.append(lambda x: median_squeeze(x, median_size))
+    if differentiable:
+        squeezers = [lambda x, s=s: bpda(s(x.detach()), x) for s in squeezers]
     if not squeezers:
         raise ValueError("bit_depth and median_size are both None: feature squeezing needs at least one squeezer")
-    with torch.no_grad(), eval_mode(model):
+    with torch.set_grad_enabled(differentiable), eval_mode(model):
         base = _probabilities(model, images)
         distances = [(base - _probabilities(model, squeeze(images))).abs().sum(dim=1) for squeeze in squeezers]
     return torch.stack(distances).amax(dim=0)
@@ -93,7 +102,10 @@ def feature_squeezing_score(
 
 class FeatureSqueezingDetector(Detector):
     """``feature_squeezing``: :func:`feature_squeezing_score` with ``bits`` bits and a
-    ``median`` x ``median`` filter (Xu et al.'s joint detector; one score per image)."""
+    ``median`` x ``median`` filter (Xu et al.'s joint detector; one score per image). The
+    attacker differentiates through it with BPDA for the squeezers."""
+
+    differentiable = True
 
     def __init__(self, bits: int | None = 5, median: int | None = 2, estimator: str = "logistic"):
         super().__init__(estimator)
@@ -106,4 +118,5 @@ class FeatureSqueezingDetector(Detector):
 
     def features(self, classifier: nn.Module, images: Tensor, probs: Tensor, index: Tensor,
                  differentiable: bool = False) -> Mapping[str, Tensor]:
-        return {"score": feature_squeezing_score(classifier, images, bit_depth=self.bits, median_size=self.median)}
+        score = feature_squeezing_score(classifier, images, self.bits, self.median, differentiable=differentiable)
+        return {"score": score}

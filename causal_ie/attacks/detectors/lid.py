@@ -53,12 +53,24 @@ class LocalIntrinsicDimensionality:
         lid[nearest[:, 0] == 0] = 0.0  # a duplicate of a reference point (also covers 0/0)
         return torch.from_numpy(lid)
 
+    def differentiable_score(self, features: Tensor) -> Tensor:
+        """:meth:`score` as a torch function of ``features`` [N, D] (the distances to the k
+        nearest reference rows are differentiable; which rows are nearest is held fixed)."""
+        if not hasattr(self, "reference_"):
+            raise RuntimeError("LocalIntrinsicDimensionality: call fit(reference) before scoring")
+        reference = torch.as_tensor(self.reference_, dtype=features.dtype, device=features.device)
+        nearest = torch.cdist(features, reference).topk(self.k, dim=1, largest=False).values  # ascending
+        logs = torch.log(nearest[:, -1:] / nearest.clamp_min(torch.finfo(features.dtype).tiny)).sum(dim=1)
+        lid = self.k / logs
+        return torch.where(nearest[:, 0] == 0, torch.zeros_like(lid), lid)
+
 
 class LIDDetector(Detector):
     """``lid``: :class:`LocalIntrinsicDimensionality` of the penultimate features among the
     clean reference images' (``k`` nearest neighbours)."""
 
     needs_reference = True
+    differentiable = True
 
     def __init__(self, k: int = 20, estimator: str = "logistic"):
         super().__init__(estimator)
@@ -73,4 +85,6 @@ class LIDDetector(Detector):
                  differentiable: bool = False) -> Mapping[str, Tensor]:
         if not self.fitted:
             raise RuntimeError("LIDDetector: fit_reference(classifier, images) first (the attack study does)")
+        if differentiable:
+            return {"lid": self.lid.differentiable_score(penultimate_features(classifier, images, True))}
         return {"lid": self.lid.score(penultimate_features(classifier, images)).to(images.device)}

@@ -88,12 +88,23 @@ class MahalanobisDistance:
         """``min_c (f - mu_c)^T Sigma^-1 (f - mu_c)`` per row, float64 ``[N]`` on the CPU."""
         return torch.from_numpy(self.distances(features).min(axis=1))
 
+    def differentiable_score(self, features: Tensor) -> Tensor:
+        """:meth:`score` as a torch function of ``features`` [N, D] (their device and dtype),
+        for an attacker who differentiates through it."""
+        if not hasattr(self, "precision_"):
+            raise RuntimeError("MahalanobisDistance: call fit(features) before scoring")
+        means = torch.as_tensor(self.means_, dtype=features.dtype, device=features.device)
+        precision = torch.as_tensor(self.precision_, dtype=features.dtype, device=features.device)
+        diff = features[:, None, :] - means[None]  # [N, C, D]
+        return torch.einsum("ncd,de,nce->nc", diff, precision, diff).amin(dim=1)
+
 
 class MahalanobisDetector(Detector):
     """``mahalanobis``: :class:`MahalanobisDistance` of the penultimate features to one Gaussian
     fitted on the clean reference images (``covariance``: ``ledoit_wolf`` or ``empirical``)."""
 
     needs_reference = True
+    differentiable = True
 
     def __init__(self, covariance: Literal["ledoit_wolf", "empirical"] = "ledoit_wolf", estimator: str = "logistic"):
         super().__init__(estimator)
@@ -108,4 +119,6 @@ class MahalanobisDetector(Detector):
                  differentiable: bool = False) -> Mapping[str, Tensor]:
         if not self.fitted:
             raise RuntimeError("MahalanobisDetector: fit_reference(classifier, images) first (the attack study does)")
+        if differentiable:
+            return {"distance": self.distance.differentiable_score(penultimate_features(classifier, images, True))}
         return {"distance": self.distance.score(penultimate_features(classifier, images)).to(images.device)}

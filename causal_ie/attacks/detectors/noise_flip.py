@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -20,6 +21,7 @@ def prediction_change_under_noise(
     std: float = 0.01,
     draws: int = 4,
     seed: int | Sequence[int] = 0,
+    differentiable: bool = False,
 ) -> Tensor:
     """The ``noise_flip`` baseline score ``[N]``: how much Gaussian noise moves the predictions.
 
@@ -33,6 +35,7 @@ def prediction_change_under_noise(
     predict, left out), relative to the prediction on
     ``images`` as given. ``model`` maps ``[N, C, H, W]`` images to logits
     ``[N, K]`` and is used in its current mode (call ``model.eval()`` first).
+    ``differentiable``: the score keeps its autograd graph (the noise is a constant).
     """
     if not std >= 0:
         raise ValueError(f"std must be >= 0, got {std!r}")
@@ -59,7 +62,7 @@ def prediction_change_under_noise(
             ],
             dim=1,
         )
-    with torch.no_grad():
+    with torch.set_grad_enabled(differentiable):
         base = torch.sigmoid(model(images).reshape(n, -1).float())
         total = torch.zeros(n, device=base.device)
         for d in range(draws):
@@ -74,6 +77,7 @@ class NoiseFlipDetector(Detector):
     pixel noise, seeded per image by ``seed`` + its dataset index (the same noise in any batch
     or process)."""
 
+    differentiable = True
     randomised = True
 
     def __init__(self, std: float = 0.01, draws: int = 4, seed: int = 0, estimator: str = "logistic"):
@@ -81,8 +85,15 @@ class NoiseFlipDetector(Detector):
         self.std = validators.number("noise_flip.std", std, 0.0)
         self.draws = validators.count("noise_flip.draws", draws)
         self.seed = int(seed)
+        # the attacker's calls get fresh noise each time (it cannot know the defender's draws)
+        self._attacker_draws = np.random.default_rng(self.seed + 1)
 
     def features(self, classifier: nn.Module, images: Tensor, probs: Tensor, index: Tensor,
                  differentiable: bool = False) -> Mapping[str, Tensor]:
-        seeds = [self.seed + int(i) for i in index.tolist()]
-        return {"score": prediction_change_under_noise(classifier, images, std=self.std, draws=self.draws, seed=seeds)}
+        if differentiable:
+            seed: int | list[int] = int(self._attacker_draws.integers(2**62))
+        else:
+            seed = [self.seed + int(i) for i in index.tolist()]
+        score = prediction_change_under_noise(classifier, images, std=self.std, draws=self.draws, seed=seed,
+                                              differentiable=differentiable)
+        return {"score": score}

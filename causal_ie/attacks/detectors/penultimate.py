@@ -35,8 +35,9 @@ def classifier_layer(model: nn.Module) -> nn.Linear:
     return linears[-1]
 
 
-def features_and_logits(model: nn.Module, images: Tensor) -> tuple[Tensor, Tensor]:
-    """``(features [N, D], logits [N, K])`` of one forward pass, detached.
+def features_and_logits(model: nn.Module, images: Tensor, differentiable: bool = False) -> tuple[Tensor, Tensor]:
+    """``(features [N, D], logits [N, K])`` of one forward pass, detached (``differentiable``:
+    with their autograd graph, for an attacker who differentiates through them).
 
     The features are the input of :func:`classifier_layer`, caught by a
     forward pre-hook that is removed again whatever happens. For a timm model
@@ -48,12 +49,13 @@ def features_and_logits(model: nn.Module, images: Tensor) -> tuple[Tensor, Tenso
     caught: list[Tensor] = []
 
     def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
-        caught.append(args[0].detach())
+        caught.append(args[0] if differentiable else args[0].detach())
 
     handle = layer.register_forward_pre_hook(hook)
     try:
-        with torch.no_grad(), eval_mode(model):
-            logits = model(to_model(model, images)).detach()
+        with torch.set_grad_enabled(differentiable), eval_mode(model):
+            logits = model(to_model(model, images))
+        logits = logits if differentiable else logits.detach()
     finally:
         handle.remove()
     if len(caught) != 1:
@@ -67,9 +69,9 @@ def features_and_logits(model: nn.Module, images: Tensor) -> tuple[Tensor, Tenso
     return features, logits
 
 
-def penultimate_features(model: nn.Module, images: Tensor) -> Tensor:
+def penultimate_features(model: nn.Module, images: Tensor, differentiable: bool = False) -> Tensor:
     """The classifier's penultimate features ``[N, D]`` (see :func:`features_and_logits`)."""
-    return features_and_logits(model, images)[0]
+    return features_and_logits(model, images, differentiable)[0]
 
 
 def feature_matrix(features: Any, name: str, dim: int | None = None) -> np.ndarray:
