@@ -44,7 +44,8 @@ def test_a_detector_defined_here_is_cross_fitted_scored_and_reported(tmp_path, c
                    "+detector@detection.detectors.max_prob_copy=max_prob",
                    "+detector@detection.detectors.noise_flip_strong=noise_flip",
                    "detection.detectors.noise_flip_strong.std=0.1",
-                   "+detector@detection.detectors.lid=lid", "detection.detectors.lid.k=5")
+                   "+detector@detection.detectors.lid=lid", "detection.detectors.lid.k=5",
+                   "+detector@detection.detectors.ce_random=ce_random", "detection.detectors.ce_random.grids=[4]")
     results, objects = evaluate(cfg)
     assert problems(results, EVALUATION) == []
     det = read_results(tmp_path / "results.json")["detection"]
@@ -73,9 +74,10 @@ def test_a_detector_defined_here_is_cross_fitted_scored_and_reported(tmp_path, c
     assert det["noise_flip_strong"]["n_test"] == det["noise_flip"]["n_test"] == 16
     assert det["noise_flip_strong"]["auroc"] != det["noise_flip"]["auroc"]
     assert math.isfinite(det["lid"]["auroc"]) and det["lid"]["target"].endswith("LIDDetector")
+    assert math.isfinite(det["ce_random"]["auroc"]) and "brightness" in det["ce_random"]["auroc_minus"]
     # combined holds every other detector's features; the detectors that read CE are compared with it
     others = [n for n in ("ce", "max_prob", "noise_flip", "feature_squeezing", "mahalanobis", "brightness",
-                          "max_prob_copy", "noise_flip_strong", "lid")]
+                          "max_prob_copy", "noise_flip_strong", "lid", "ce_random")]
     assert det["combined"]["features"] == sum(det[n]["features"] for n in others)
     assert "brightness" in det["ce"]["auroc_minus"] and "brightness" in det["combined"]["auroc_minus"]
     assert "auroc_minus" not in mine

@@ -200,3 +200,36 @@ def test_noise_flip_max_prob_and_penultimate_distances_differentiate_to_their_va
     lid = LocalIntrinsicDimensionality(k=5).fit(reference)
     torch.testing.assert_close(lid.differentiable_score(feats).detach(), lid.score(feats.detach()))
     assert torch.autograd.gradcheck(lid.differentiable_score, (feats,))
+
+
+def test_shifted_grids_tile_the_image_once_and_ce_random_draws_per_image_and_call():
+    from causal_ie.attacks.detectors import CERandomDetector
+    from causal_ie.interventions.windows import ShiftedWindowGrid
+
+    rng = np.random.default_rng(0)
+    for _ in range(20):  # every pixel in exactly one window, whatever the origin
+        h, w, win = int(rng.integers(5, 20)), int(rng.integers(5, 20)), int(rng.integers(1, 5))
+        origin = (int(rng.integers(win)), int(rng.integers(win)))
+        grid = ShiftedWindowGrid.shifted((h, w), win, origin)
+        covered = torch.zeros(h * w)
+        for window in grid.pixel_index(torch.arange(len(grid))):
+            covered[window.unique()] += 1
+        assert torch.equal(covered, torch.ones(h * w)), (h, w, win, origin)
+    with pytest.raises(ValueError, match="origin must lie in"):
+        ShiftedWindowGrid.shifted((8, 8), 4, (4, 0))
+    model = conv()
+    images = torch.rand(4, 1, 8, 8, generator=torch.Generator().manual_seed(2))
+    detector = CERandomDetector(grids=[2], baselines=["zero", "blur"], nearest=1, seed=3)
+    whole = detector.features(model, images, None, torch.arange(4))
+    # the defender's draw follows the image's index, not the batch it comes in
+    part = detector.features(model, images[2:], None, torch.tensor([2, 3]))
+    for name in whole:
+        torch.testing.assert_close(whole[name][2:], part[name])
+    other = CERandomDetector(grids=[2], baselines=["zero", "blur"], nearest=1, seed=4).features(model, images, None, torch.arange(4))
+    assert any(not torch.equal(whole[n], other[n]) for n in whole)
+    # the attacker's calls draw afresh and carry gradients
+    x = images.clone().requires_grad_(True)
+    draws = [detector.features(model, x, None, None, differentiable=True) for _ in range(3)]
+    assert any(not torch.equal(draws[0]["g2.max.max"], d["g2.max.max"]) for d in draws[1:])
+    (grad,) = torch.autograd.grad(sum(d["g2.l1.mean"].sum() for d in draws), x)
+    assert grad.abs().sum() > 0

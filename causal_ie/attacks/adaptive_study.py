@@ -188,8 +188,9 @@ class AdaptiveStudy:
                 below_before = decision_scores(fitted[name], matrices[name][1][test]) < thresholds[name]
                 evaded["adaptive"].setdefault(name, []).append(ok & below)
                 evaded["non_adaptive"].setdefault(name, []).append(records.reached_goal[test] & below_before)
-                clean_scores[name].append(fitted[name].predict_proba(clean[scored])[:, 1])
-                adv_scores[name].append(fitted[name].predict_proba(adv[scored])[:, 1])
+                if scored.any():  # a half may leave no pair to score (no attack reached its goal)
+                    clean_scores[name].append(fitted[name].predict_proba(clean[scored])[:, 1])
+                    adv_scores[name].append(fitted[name].predict_proba(adv[scored])[:, 1])
             for side in ("adaptive", "non_adaptive"):  # unseen by every deployed detector at once
                 evaded[side].setdefault("all", []).append(np.all([evaded[side][n][-1] for n in deployed], axis=0))
             evaded_groups += list(groups[test])

@@ -155,6 +155,52 @@ class WindowGrid:
     assemble = fold
 
 
+@dataclass(frozen=True)
+class ShiftedWindowGrid(WindowGrid):
+    """Windows of size ``window`` tiling the image (stride = window) from ``origin``: the tiling
+    moved down and right by ``origin`` (0 <= origin < window per axis), so the first row and
+    column of windows are cut to ``origin`` pixels by the border (and the last ones too). A
+    randomised detector draws the origin per call, so an attacker cannot tune a perturbation to
+    fixed window borders. Effects only: the windows overlap no regular fold, so no maps."""
+
+    origin: tuple[int, int] = (0, 0)
+
+    @classmethod
+    def shifted(cls, image_size: tuple[int, int], window: int | tuple[int, int], origin: tuple[int, int]) -> ShiftedWindowGrid:
+        grid = WindowGrid.create(image_size, window, window)
+        if not all(0 <= o < w for o, w in zip(origin, grid.window)):
+            raise ValueError(f"origin must lie in [0, window) per axis, got {origin} for window {grid.window}")
+        return cls(grid.image_size, grid.window, grid.window, (int(origin[0]), int(origin[1])))
+
+    @staticmethod
+    def _starts(size: int, window: int, origin: int) -> list[int]:
+        return list(range(origin - window if origin > 0 else 0, size, window))
+
+    @property
+    def rows(self) -> list[int]:
+        return self._starts(self.image_size[0], self.window[0], self.origin[0])
+
+    @property
+    def cols(self) -> list[int]:
+        return self._starts(self.image_size[1], self.window[1], self.origin[1])
+
+    def pixel_index(self, window_idx: Tensor) -> Tensor:
+        height, width = self.image_size
+        device = window_idx.device
+        rows_start = torch.tensor(self.rows, device=device)
+        cols_start = torch.tensor(self.cols, device=device)
+        top, left = rows_start[window_idx // len(self.cols)], cols_start[window_idx % len(self.cols)]
+        # a window cut by the border repeats its edge row/column: written with the same value, harmless
+        rows = (top[:, None] + torch.arange(self.window[0], device=device)).clamp_(0, height - 1)
+        cols = (left[:, None] + torch.arange(self.window[1], device=device)).clamp_(0, width - 1)
+        return (rows[:, :, None] * width + cols[:, None, :]).flatten(1)
+
+    def fold(self, effects: Tensor) -> Tensor:
+        raise NotImplementedError("ShiftedWindowGrid gives window effects, not maps")
+
+    assemble = fold
+
+
 def _crop_or_pad(maps: Tensor, size: tuple[int, int]) -> Tensor:
     """Cut clipped windows' overhang, or pad with 0 the border a too-large stride never reaches."""
     height, width = size

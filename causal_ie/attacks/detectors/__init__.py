@@ -1,6 +1,7 @@
 """Detectors of adversarial images, one class each, all following :class:`Detector`.
 
-``ce`` (CE of every finding), ``max_prob`` (confidence), ``noise_flip`` (predictions under
+``ce`` (CE of every finding), ``ce_random`` (the same with window offsets and baseline drawn
+per call), ``max_prob`` (confidence), ``noise_flip`` (predictions under
 Gaussian noise), ``feature_squeezing`` (Xu et al. 2018), ``mahalanobis`` (Lee et al. 2018),
 ``lid`` (Ma et al. 2018) and ``combined`` (several at once). Each has its config in
 ``conf/detector/``; ``detection.detectors`` selects the set the attack study scores.
@@ -8,6 +9,7 @@ Gaussian noise), ``feature_squeezing`` (Xu et al. 2018), ``mahalanobis`` (Lee et
 
 from causal_ie.attacks.detectors.base import Detector
 from causal_ie.attacks.detectors.ce import CEDetector
+from causal_ie.attacks.detectors.ce_random import CERandomDetector
 from causal_ie.attacks.detectors.combined import CombinedDetector
 from causal_ie.attacks.detectors.feature_squeezing import (
     FeatureSqueezingDetector,
@@ -23,6 +25,7 @@ from causal_ie.attacks.detectors.penultimate import classifier_layer, features_a
 
 __all__ = [
     "CEDetector",
+    "CERandomDetector",
     "CombinedDetector",
     "Detector",
     "FeatureSqueezingDetector",
