@@ -175,6 +175,7 @@ def test_attack_eps_sweep_summary_and_transfer(tmp_path, checkpoint):
 
 ADAPTIVE = ["attack=pgd", "attack.eps=0.05", "attack.steps=3", "attack.adaptive=true", "detection.adaptive.images=8",
             "detection.adaptive.weights=[1.0]", "detection.adaptive.steps=2", "detection.detectors.ce.grids=[4]",
+            "detection.detectors.ce.window=null",
             "~detection.detectors.mahalanobis"]
 
 

@@ -114,3 +114,24 @@ def test_bad_detectors_fail_before_the_test_loop(tmp_path, checkpoint, override,
     with pytest.raises(error, match=message):
         evaluate(cfg)
     assert not (tmp_path / "results.json").exists()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "windows", "grids"),
+    [
+        (["mask.size=8", "mask.stride=4"], ((8, 4),), ()),
+        (["mask.size=16", "mask.stride=16"], ((16, 16),), ()),
+        (["mask=superpixel"], (), (4, 8)),  # no window size: the coarse tilings
+        (["detection.detectors.ce.window=null", "detection.detectors.ce.grids=[2]"], (), (2,)),
+    ],
+)
+def test_the_ce_detector_reads_the_masks_windows_so_a_mask_sweep_changes_detection(tmp_path, overrides, windows, grids):
+    from hydra.utils import instantiate
+
+    from conftest import compose_config
+
+    cfg = compose_config("evaluate", ["attack=fgsm", *overrides], tmp_path)
+    detector = instantiate(cfg.detection.detectors.ce)
+    assert detector.extractor.windows == windows and detector.extractor.grids == grids
+    names = detector.extractor.placements((64, 64))
+    assert list(names) == [*(f"g{g}" for g in grids), *(f"w{w}s{s}" for w, s in windows)]

@@ -19,8 +19,9 @@ without knowing which one was attacked:
   ``max`` and smallest ``min``, and how concentrated the effects are in space
   (normalised entropy of the summed ``|E|`` over regions).
 
-:class:`CEFeatureExtractor` computes them from CE on coarse grids of windows
-(``grids``: windows per side) for each intervention baseline, optionally on a
+:class:`CEFeatureExtractor` computes them from CE on windows (sliding windows of a size and
+stride, as the ``mask`` config's, and/or coarse tilings, ``grids``: windows per side) for each
+intervention baseline, optionally on a
 latent layer's cells, and the agreement of pixel and latent CE. Findings a
 classifier does not predict (NaN logits) are left out of every summary.
 """
@@ -111,6 +112,7 @@ class CEFeatureExtractor:
 
     Args:
         grids: windows per image side; each grid's windows tile the image (stride = window).
+        windows: sliding windows as (size, stride) pairs in pixels, e.g. the mask's.
         baselines: intervention baselines, e.g. ``zero`` and the content-preserving ``blur``.
         outcome: what effects are measured on (``logit`` by default: probability effects
             scale with p(1-p) and so partly re-encode confidence).
@@ -123,14 +125,21 @@ class CEFeatureExtractor:
     def __init__(
         self,
         grids: Sequence[int] = (4, 8),
+        windows: Sequence[Sequence[int]] = (),
         baselines: Sequence[str] = ("zero", "blur"),
         outcome: str = "logit",
         nearest: int = 3,
         latent_layer: str | None = "auto",
         batch_size: int = 256,
     ):
-        if not grids or any(int(g) < 1 for g in grids):
+        grids, windows = tuple(grids or ()), tuple(tuple(int(v) for v in w) for w in (windows or ()))
+        if any(int(g) < 1 for g in grids):
             raise ValueError(f"detection.detectors.ce.grids must be windows per side >= 1, got {list(grids)}")
+        if any(len(w) != 2 or min(w) < 1 for w in windows):
+            raise ValueError(f"detection.detectors.ce windows must be (size, stride) pairs >= 1 px, got {list(windows)}")
+        if not grids and not windows:
+            raise ValueError("detection.detectors.ce needs windows: set its grids or a window size")
+        self.windows = windows
         if not baselines:
             raise ValueError("detection.detectors.ce.baselines must name at least one baseline")
         self.grids, self.baselines = tuple(int(g) for g in grids), tuple(baselines)
@@ -138,17 +147,24 @@ class CEFeatureExtractor:
         self.outcome, self.nearest, self.latent_layer = outcome, int(nearest), latent_layer
         self.batch_size = batch_size
 
+    def placements(self, size: tuple[int, int]) -> dict[str, WindowGrid]:
+        """The window grids on an image of ``size``: ``g<grid>`` tilings and ``w<size>s<stride>`` sliding windows."""
+        height, width = size
+        out = {f"g{g}": WindowGrid.create(size, (math.ceil(height / g), math.ceil(width / g)),
+                                          (math.ceil(height / g), math.ceil(width / g))) for g in self.grids}
+        for window, stride in self.windows:
+            out[f"w{window}s{stride}"] = WindowGrid.create(size, (min(window, height), min(window, width)), stride)
+        return out
+
     def effects(self, model: nn.Module, images: Tensor, differentiable: bool = False) -> dict[str, Tensor]:
         """Effects [N, K, R] per view: ``g<grid>_<baseline>`` and, with a latent layer, ``latent``."""
-        height, width = images.shape[-2:]
         views: dict[str, Tensor] = {}
-        for grid in self.grids:
-            window = (math.ceil(height / grid), math.ceil(width / grid))
+        for name, grid in self.placements(tuple(images.shape[-2:])).items():
             for baseline, spec in self.specs.items():
                 if differentiable:
                     spec = InterventionSpec.resolve(spec, differentiable=True)
-                effects, _ = pixel_space_effects(model, images, lambda x, w=window: WindowGrid.create(tuple(x.shape[-2:]), w, w), spec)
-                views[f"g{grid}_{baseline}"] = effects
+                effects, _ = pixel_space_effects(model, images, lambda x, g=grid: g, spec)
+                views[f"{name}_{baseline}"] = effects
         if self.latent_layer:
             latent = latent_effect(
                 model, images, layer=self.latent_layer, outcome=self.outcome, batch_size=self.batch_size,
@@ -173,8 +189,8 @@ class CEFeatureExtractor:
             cells = round(math.sqrt(latent.shape[-1]))
             pixel_name = next(iter(v for v in views if v != "latent"))
             pixel = views[pixel_name]
-            side = round(math.sqrt(pixel.shape[-1]))
+            rows, cols = self.placements(tuple(images.shape[-2:]))[pixel_name.rsplit("_", 1)[0]].shape
             n, k = pixel.shape[:2]
-            resized = F.interpolate(pixel.reshape(n * k, 1, side, side), size=(cells, cells), mode="area")
+            resized = F.interpolate(pixel.reshape(n * k, 1, rows, cols), size=(cells, cells), mode="area")
             features["agreement.pixel_latent"] = agreement(resized.reshape(n, k, -1), latent, logits)
         return features
