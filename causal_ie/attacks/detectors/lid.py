@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 from scipy.spatial.distance import cdist
-from torch import Tensor, nn
+from torch import Tensor
 
-from causal_ie.attacks.detectors.base import Detector
-from causal_ie.attacks.detectors.penultimate import feature_matrix, penultimate_features, reference_features
+from causal_ie.attacks.detectors.penultimate import PenultimateDetector, feature_matrix
 
 __all__ = ["LIDDetector", "LocalIntrinsicDimensionality"]
 
@@ -65,26 +63,11 @@ class LocalIntrinsicDimensionality:
         return torch.where(nearest[:, 0] == 0, torch.zeros_like(lid), lid)
 
 
-class LIDDetector(Detector):
+class LIDDetector(PenultimateDetector):
     """``lid``: :class:`LocalIntrinsicDimensionality` of the penultimate features among the
     clean reference images' (``k`` nearest neighbours)."""
 
-    needs_reference = True
-    differentiable = True
+    feature = "lid"
 
     def __init__(self, k: int = 20, estimator: str = "logistic"):
-        super().__init__(estimator)
-        self.lid = LocalIntrinsicDimensionality(k)
-        self.fitted = False
-
-    def fit_reference(self, classifier: nn.Module, images: Sequence[Tensor]) -> None:
-        self.lid.fit(reference_features(classifier, images, "lid"))
-        self.fitted = True
-
-    def features(self, classifier: nn.Module, images: Tensor, probs: Tensor, index: Tensor,
-                 differentiable: bool = False) -> Mapping[str, Tensor]:
-        if not self.fitted:
-            raise RuntimeError("LIDDetector: fit_reference(classifier, images) first (the attack study does)")
-        if differentiable:
-            return {"lid": self.lid.differentiable_score(penultimate_features(classifier, images, True))}
-        return {"lid": self.lid.score(penultimate_features(classifier, images)).to(images.device)}
+        super().__init__(LocalIntrinsicDimensionality(k), estimator)

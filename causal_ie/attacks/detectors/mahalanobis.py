@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import numpy as np
 import torch
 from sklearn.covariance import EmpiricalCovariance, LedoitWolf
-from torch import Tensor, nn
+from torch import Tensor
 
-from causal_ie.attacks.detectors.base import Detector
-from causal_ie.attacks.detectors.penultimate import feature_matrix, penultimate_features, reference_features
+from causal_ie.attacks.detectors.penultimate import PenultimateDetector, feature_matrix
 
 __all__ = ["MahalanobisDetector", "MahalanobisDistance"]
 
@@ -99,26 +97,11 @@ class MahalanobisDistance:
         return torch.einsum("ncd,de,nce->nc", diff, precision, diff).amin(dim=1)
 
 
-class MahalanobisDetector(Detector):
+class MahalanobisDetector(PenultimateDetector):
     """``mahalanobis``: :class:`MahalanobisDistance` of the penultimate features to one Gaussian
     fitted on the clean reference images (``covariance``: ``ledoit_wolf`` or ``empirical``)."""
 
-    needs_reference = True
-    differentiable = True
+    feature = "distance"
 
     def __init__(self, covariance: Literal["ledoit_wolf", "empirical"] = "ledoit_wolf", estimator: str = "logistic"):
-        super().__init__(estimator)
-        self.distance = MahalanobisDistance(covariance)
-        self.fitted = False
-
-    def fit_reference(self, classifier: nn.Module, images: Sequence[Tensor]) -> None:
-        self.distance.fit(reference_features(classifier, images, "mahalanobis"))
-        self.fitted = True
-
-    def features(self, classifier: nn.Module, images: Tensor, probs: Tensor, index: Tensor,
-                 differentiable: bool = False) -> Mapping[str, Tensor]:
-        if not self.fitted:
-            raise RuntimeError("MahalanobisDetector: fit_reference(classifier, images) first (the attack study does)")
-        if differentiable:
-            return {"distance": self.distance.differentiable_score(penultimate_features(classifier, images, True))}
-        return {"distance": self.distance.score(penultimate_features(classifier, images)).to(images.device)}
+        super().__init__(MahalanobisDistance(covariance), estimator)

@@ -8,10 +8,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from causal_ie.attacks.detectors.base import check_images
+from causal_ie.attacks.detectors.base import Detector, check_images
 from causal_ie.runtime import eval_mode, to_model
 
-__all__ = ["classifier_layer", "feature_matrix", "features_and_logits", "penultimate_features", "reference_features"]
+__all__ = ["PenultimateDetector", "classifier_layer", "feature_matrix", "features_and_logits", "penultimate_features", "reference_features"]
 
 
 def classifier_layer(model: nn.Module) -> nn.Linear:
@@ -92,3 +92,31 @@ def reference_features(classifier: nn.Module, images: Any, name: str) -> Tensor:
     if not features:
         raise ValueError(f"detector {name} needs clean reference images (detection.reference_images; the validation split is empty)")
     return torch.cat(features)
+
+
+class PenultimateDetector(Detector):
+    """A detector that scores the classifier's penultimate features with ``scorer``, fitted on
+    the clean reference images' features (``scorer``: ``fit(features)``, ``score(features)`` and
+    ``differentiable_score(features)``, e.g. Mahalanobis distance or LID). Its one feature is
+    called ``feature``."""
+
+    needs_reference = True
+    differentiable = True
+    feature = "score"
+
+    def __init__(self, scorer: Any, estimator: str = "logistic"):
+        super().__init__(estimator)
+        self.scorer = scorer
+        self.fitted = False
+
+    def fit_reference(self, classifier: nn.Module, images: Any) -> None:
+        self.scorer.fit(reference_features(classifier, images, type(self).__name__))
+        self.fitted = True
+
+    def features(self, classifier: nn.Module, images: Tensor, probs: Tensor, index: Tensor,
+                 differentiable: bool = False) -> dict[str, Tensor]:
+        if not self.fitted:
+            raise RuntimeError(f"{type(self).__name__}: fit_reference(classifier, images) first (the attack study does)")
+        if differentiable:
+            return {self.feature: self.scorer.differentiable_score(penultimate_features(classifier, images, True))}
+        return {self.feature: self.scorer.score(penultimate_features(classifier, images)).to(images.device)}
