@@ -94,6 +94,16 @@ def test_the_detector_set_is_the_configs_choice(tmp_path, checkpoint):
     assert det["combined"]["features"] == det["ce"]["features"] + det["max_prob"]["features"]
 
 
+def test_a_study_without_the_ce_detector_runs_and_saves_no_ce_features(tmp_path, checkpoint):
+    cfg = eval_cfg(tmp_path, checkpoint, *ATTACK, "~detection.detectors.ce", "~detection.detectors.mahalanobis")
+    results, _ = evaluate(cfg)
+    det = results["detection"]
+    assert "ce" not in det and det["combined"]["features"] == 3  # max_prob, noise_flip, feature_squeezing
+    assert "auroc_minus" not in det["combined"]  # nothing it combines reads CE
+    assert problems(results, EVALUATION) == [] and not (tmp_path / "detection.npz").exists()
+    assert "| max_prob |" in (tmp_path / "report.md").read_text()
+
+
 @pytest.mark.parametrize(
     ("override", "error", "message"),
     [

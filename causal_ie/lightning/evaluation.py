@@ -317,7 +317,9 @@ class CEEvaluation(L.LightningModule):
         self.log("test/auroc_mean", results["classification"]["auroc_mean"], rank_zero_only=True)
         if self.attack is not None:
             self.log("test/attack_success_rate", results["attack"]["success_rate"], rank_zero_only=True)
-            self.log("test/detection_ce_auroc", results["detection"]["ce"]["auroc"], rank_zero_only=True)
+            for name, scores in results["detection"].items():  # every selected detector's AUROC
+                if isinstance(scores, dict) and "auroc" in scores:
+                    self.log(f"test/detection_{name}_auroc", scores["auroc"], rank_zero_only=True)
 
     def _add_intervals(self, results: dict[str, Any]) -> None:
         """95 % patient-bootstrap intervals beside the AUROCs, pointing games and IoBB/IoU
