@@ -79,7 +79,8 @@ def robust_accuracy(cfg, study, classifier, dataset, eps: float) -> dict[str, An
 
 
 def table(result: dict[str, Any]) -> list[str]:
-    plain, ce_only, joint = result["non_adaptive"], result["adaptive_ce"], result["adaptive_all"]
+    empty = {"evasion": {}, "success_rate": float("nan")}
+    plain, ce_only, joint = result["non_adaptive"], result.get("adaptive_ce", empty), result["adaptive_all"]
     rows = []
     for name, scores in plain.items():
         if not isinstance(scores, dict) or "auroc" not in scores or name == "changed_pairs":
@@ -115,6 +116,8 @@ def main() -> None:
     parser.add_argument("--test-images", type=int, default=300)
     parser.add_argument("--adaptive-images", type=int, default=200)
     parser.add_argument("--eps", type=float, default=0.008)
+    parser.add_argument("--against", nargs="+", default=["ce", "all"], choices=["ce", "all"],
+                        help="the adaptive studies to run (CE-only, joint)")
     parser.add_argument("--out", type=Path, default=ROOT / "outputs" / "benchmarks" / "adaptive_detectors")
     parser.add_argument("overrides", nargs="*", help="more evaluate.py overrides")
     args = parser.parse_args()
@@ -130,7 +133,7 @@ def main() -> None:
     records = objects["module"].artefacts["attack"]["records"]
     result: dict[str, Any] = {"label": args.label, "checkpoint": str(args.checkpoint), "eps": args.eps,
                               "non_adaptive": results["detection"], "attack": results["attack"]}
-    for against in ("ce", "all"):
+    for against in args.against:
         started = time.time()
         adaptive = instantiate(cfg.detection.adaptive, against=against, _convert_="all")
         result[f"adaptive_{against}"] = adaptive.run(study, classifier, dataset, records)
