@@ -39,6 +39,7 @@ from causal_ie.attacks.detection import decision_scores, score_detector, split_h
 from causal_ie.attacks.detectors import CombinedDetector
 from causal_ie.attacks.factory import PER_IMAGE_TARGETS
 from causal_ie.attacks.joint_logit import JointDetectorLogit
+from causal_ie.attacks.outcome import changed_share
 from causal_ie.attacks.records import AttackRecords
 from causal_ie.intervals import bootstrap_difference_ci, mean_ci, weighted_mean
 from causal_ie.runtime import to_model
@@ -221,7 +222,7 @@ class AdaptiveStudy:
         if pairs == "successful":
             return success
         if pairs == "changed":
-            return ((adversarial - clean).flatten(1).abs().amax(1) > 1e-6).cpu().numpy()
+            return (changed_share(adversarial, clean) > 0).cpu().numpy()
         return np.ones(len(success), dtype=bool)
 
     @staticmethod

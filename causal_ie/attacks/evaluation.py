@@ -52,7 +52,7 @@ class AttackEvaluation(nn.Module):
         reference_images: clean validation images the detectors that need them are fitted on.
         top_fraction: for the ``topk_mass`` statistic.
         examples: how many images to keep for the clean-vs-adversarial figure.
-        seed: the first split's seed (also of the bootstrap).
+        seed: the detectors' first split's seed (also of the bootstrap).
         missing_findings: findings the classifier does not predict (NaN logits): never the
             focus, left out of means over findings, NaN AUROC.
         unlabelled_findings: outputs the data does not annotate: attacked (on the model's
@@ -99,7 +99,6 @@ class AttackEvaluation(nn.Module):
         self.reference_images = validators.count("detection.reference_images", reference_images, 0)
         self.top_fraction = validators.number("detection.top_fraction", top_fraction, 0.0, 1.0, low_open=True)
         self.n_examples = validators.count("detection.examples", examples, 0)
-        self.seed = int(seed)
         self.auroc_adv = MultilabelAUROC(num_labels=len(self.findings), average=None)
         self.records = RecordCollector()
         self.examples: list[dict[str, Any]] = []

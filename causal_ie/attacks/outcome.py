@@ -16,7 +16,13 @@ from causal_ie.attacks.records import AttackRecords
 # findings attacked, and the L-inf / L2 / L0 share of the change
 OUTCOMES = ("eligible", "success", "flipped", "attacked", "linf", "l2", "l0")
 
-__all__ = ["OUTCOMES", "attack_outcome", "attack_results", "focus_finding"]
+__all__ = ["OUTCOMES", "attack_outcome", "attack_results", "changed_share", "focus_finding"]
+
+
+def changed_share(adversarial: Tensor, clean: Tensor) -> Tensor:
+    """Per image [B] (float64): the share of pixels the attack changed by more than 1e-6
+    (the ``l0`` outcome; above 0: a ``changed`` pair)."""
+    return ((adversarial - clean).flatten(1).abs() > 1e-6).double().mean(1)
 
 
 def focus_finding(attacked: Tensor, probs: Tensor) -> Tensor:
@@ -45,7 +51,7 @@ def attack_outcome(adv: Adversarial, p_clean: Tensor, p_adv: Tensor, images: Ten
         att.sum(1),
         delta.abs().amax(1),
         delta.norm(dim=1),
-        (delta.abs() > 1e-6).double().mean(1),
+        changed_share(adv.images, images),
     )
     return {name: v.double() for name, v in zip(OUTCOMES, values)}
 
