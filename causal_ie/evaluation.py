@@ -21,6 +21,7 @@ from causal_ie.explain.report import LocalisationReport
 from causal_ie.interventions.autoencoder import AutoencoderCache
 from causal_ie.lightning.callbacks import CEMapLogger
 from causal_ie.lightning.evaluation import CEEvaluation
+from causal_ie.lightning.resume import STATE_DIR, EvaluationState, run_settings
 from causal_ie.outputs.report import write_report
 from causal_ie.outputs.results import write_results
 from causal_ie.runs import build_callbacks, check_compatible, classifier_identity, instantiate_dict, load_classifier
@@ -68,10 +69,24 @@ def reference_images(datamodule: L.LightningDataModule, limit: int) -> list[Tens
     return [batch["image"] for batch in loader]
 
 
+def run_directory(cfg: DictConfig) -> Path:
+    """Where the run writes: ``resume=DIR`` (a stopped run's directory, continued there), else
+    the Hydra run directory."""
+    resume = cfg.get("resume")
+    if not resume:
+        return Path(cfg.paths.output_dir)
+    directory = Path(str(resume)).expanduser()
+    if not (directory / STATE_DIR).is_dir():
+        held = "results.json (it finished)" if (directory / "results.json").is_file() else "no saved evaluation state"
+        raise FileNotFoundError(f"resume={str(resume)!r}: expected a stopped evaluate.py run directory with "
+                                f"{STATE_DIR}/ inside; it holds {held}")
+    return directory
+
+
 def evaluate(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     """Load the classifier, run CEEvaluation over the test split, write results.json + report.md."""
     L.seed_everything(cfg.seed, workers=True)
-    out_dir = Path(cfg.paths.output_dir)
+    out_dir = run_directory(cfg)
     classifier, ckpt = load_classifier(cfg)
     datamodule = instantiate(cfg.data, _convert_="all")
     labels = check_compatible(classifier, datamodule, ckpt)  # the data now comes in the model's labels
@@ -85,8 +100,10 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     # latent autoencoders (space=autoencoder) are fitted in CEEvaluation.on_test_start, on the device
     cache = autoencoder_cache(classifier, ckpt, cfg.paths.cache_dir, cfg.data)
     source = f"checkpoint {ckpt}" if ckpt is not None else f"model {classifier.hparams.backbone}"
+    # the test loop saves its state here and continues from it (resume=DIR or the same hydra.run.dir)
+    state = EvaluationState(out_dir / STATE_DIR, run_settings(cfg, ckpt))
     module = CEEvaluation(classifier, explainers, attack=attack, autoencoder_cache=cache,
-                          unlabelled_findings=labels.model_only, source=source, **settings)
+                          unlabelled_findings=labels.model_only, source=source, state=state, **settings)
     sections = [LocalisationReport(), AttackReport()]
     figures = CEMapLogger(out_dir, sections)
     loggers = instantiate_dict(cfg.get("logger"))
@@ -120,6 +137,7 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
             results["detection"]["adaptive"] = attack.adaptive.run(attack, classifier, datamodule.dataset("test"), records)
             write_results(out_dir, results)
             write_report(out_dir, results, sections, figures.figures)
+        state.clear()  # the results are written: a rerun in this directory starts anew
         _print_summary(results, out_dir)
     return results, {"module": module, "trainer": trainer, "datamodule": datamodule, "figures": figures.figures}
 

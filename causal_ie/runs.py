@@ -19,6 +19,7 @@ from torch import nn
 
 from causal_ie.io import atomic_write_text
 from causal_ie.labels import LabelAlignment, model_labels
+from causal_ie.lightning.resume import EvaluationStopped
 from causal_ie.models import Classifier
 
 TRAINABLE = "causal_ie.models.Classifier"  # the _target_ of conf/model/_classifier.yaml
@@ -63,6 +64,9 @@ def run_task(task: Callable[[DictConfig], tuple[dict, dict]], cfg: DictConfig) -
     """
     try:
         metrics, _ = task(cfg)
+    except EvaluationStopped as stopped:  # saved: exit non-zero so schedulers and sweeps see it unfinished
+        log.warning("%s", stopped)
+        raise SystemExit(stopped.exit_code) from None
     except Exception:
         if not _in_multirun():
             raise

@@ -112,6 +112,26 @@ def test_ddp_cpu_evaluation_equals_one_process(tmp_path, checkpoint):
 
 
 @pytest.mark.slow
+def test_ddp_cpu_with_fewer_test_images_than_processes_equals_one_process(tmp_path, checkpoint):
+    # one image, two processes: the second has an empty shard and contributes nothing (it used to
+    # fail Lightning's UnrepeatedDistributedSampler assertion, then the gloo sync of empty states)
+    args = [*TINY_EVAL, f"ckpt_path={checkpoint}", "data.test_subset=1", "cams=[gradcam]", "attack=fgsm",
+            "attack.eps=0.02", "detection.test_images=1"]
+    one = _cli("evaluate.py", [*args, f"hydra.run.dir={tmp_path / 'one'}"], tmp_path)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = _cli("evaluate.py", [*args, "trainer=ddp_cpu", f"hydra.run.dir={tmp_path / 'two'}"], tmp_path)
+    assert two.returncode == 0, two.stderr[-3000:]
+    r1 = json.loads((tmp_path / "one" / "results.json").read_text())
+    r2 = json.loads((tmp_path / "two" / "results.json").read_text())
+    assert r2["classification"]["num_images"] == r1["classification"]["num_images"] == 1
+    assert r2["localisation_pairs"] == r1["localisation_pairs"]
+    # the image is scored by one process in both runs, but with half the threads under DDP (float32
+    # rounding, ~1e-7 relative; see the test above)
+    for section in ("classification", "localisation", "faithfulness", "attack", "ce_under_attack"):
+        assert flatten(r2[section]) == pytest.approx(flatten(r1[section]), abs=1e-5, nan_ok=True), section
+
+
+@pytest.mark.slow
 def test_wandb_offline_run_holds_the_ce_map_images(tmp_path, checkpoint):
     run = tmp_path / "run"
     result = _cli(

@@ -108,6 +108,15 @@ class AttackEvaluation(nn.Module):
         them is a detection pair). Returns their number."""
         return self.detection.fit_reference(classifier, images)
 
+    # -- resumable test loop (its metrics are saved with CEEvaluation's) ------------------
+    def loop_state(self) -> dict[str, Any]:
+        """What the study holds besides its metrics: the figures' examples, the record columns."""
+        return {"examples": self.examples, "columns": self.records.names}
+
+    def load_loop_state(self, saved: Mapping[str, Any]) -> None:
+        self.examples = list(saved["examples"])
+        self.records.names = list(saved["columns"])
+
     # -- per batch --------------------------------------------------------------
     def update(
         self,

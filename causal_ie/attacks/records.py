@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -52,6 +53,11 @@ class RecordCollector(nn.Module):
 
     def compute(self) -> AttackRecords:
         """Every process's rows (gathered under DDP), then reset for the next epoch."""
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # a process that saw no image (an empty shard) learns the columns from the others
+            names: list[Any] = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(names, self.names)
+            self.names = self.names or next((n for n in names if n), [])
         rows = self.rows.compute().cpu().numpy()
         self.rows.reset()
         if rows.size == 0:

@@ -18,7 +18,7 @@ from causal_ie.data.errors import DataError
 from causal_ie.data.findings import NIH14
 from causal_ie.data.relabel import RelabelledDataset
 from causal_ie.labels import LabelAlignment, LabelSpace, align
-from causal_ie.data.transforms import BoxAwareAugment, IndexedDataset, TransformedDataset
+from causal_ie.data.transforms import BoxAwareAugment, EmptyShard, IndexedDataset, TransformedDataset
 
 log = logging.getLogger(__name__)
 
@@ -305,8 +305,10 @@ class ChestXray14DataModule(L.LightningDataModule):
             ds = IndexedDataset(ds)
         sampler = None
         if split == "test" and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            # Shard without padding duplicates, so sharded test metrics equal one process's.
-            sampler = UnrepeatedDistributedSampler(ds, shuffle=False)
+            if dist.get_rank() >= len(ds):  # fewer images than processes: this one scores none
+                ds = EmptyShard(ds)
+            else:  # shard without padding duplicates, so sharded test metrics equal one process's
+                sampler = UnrepeatedDistributedSampler(ds, shuffle=False)
         return DataLoader(
             ds,
             batch_size=self.batch_size,

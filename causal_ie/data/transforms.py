@@ -84,3 +84,21 @@ class IndexedDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict:
         return {**self.dataset[index], "index": index}
+
+
+class EmptyShard(torch.utils.data.Dataset):
+    """The test split of a process that gets none of its images (fewer images than processes):
+    one placeholder item marked ``padding``. Lightning runs a process's test-epoch hooks, and
+    with them the metrics' collective sync, only when it has a batch; the test step skips this one,
+    so the process contributes nothing."""
+
+    def __init__(self, dataset: torch.utils.data.Dataset):
+        if len(dataset) == 0:  # type: ignore[arg-type]
+            raise ValueError("the test split has no images")
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return 1
+
+    def __getitem__(self, index: int) -> dict:
+        return {**self.dataset[0], "padding": True}

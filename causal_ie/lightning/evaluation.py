@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -10,6 +12,7 @@ import torch
 from torch import Tensor, nn
 from torchmetrics.classification import MultilabelAUROC
 
+from causal_ie import validators
 from causal_ie.attacks.evaluation import AttackEvaluation
 from causal_ie.explain.explainers import Explainer, LatentCE, select_maps
 from causal_ie.explain.intervals import classification_intervals, localisation_intervals
@@ -17,10 +20,23 @@ from causal_ie.explain.metrics import DEFAULT_THRESHOLDS, DeletionInsertion, loc
 from causal_ie.interventions import InterventionSpec, resolve_layer
 from causal_ie.interventions.autoencoder import AutoencoderCache, cache_path
 from causal_ie.io import atomic_open
+from causal_ie.lightning.resume import (
+    EvaluationState,
+    EvaluationStopped,
+    StopSignals,
+    forward_to_children,
+    load_metric_states,
+    metric_states,
+    pad_empty_states,
+    rng_state,
+    set_rng_state,
+)
 from causal_ie.models import Classifier
 from causal_ie.models.findings import finding_aurocs, predicted_mask
 from causal_ie.precision import full_precision
 from causal_ie.rows import Rows, patient_codes
+
+log = logging.getLogger(__name__)
 
 
 def box_pairs(
@@ -117,6 +133,12 @@ class CEEvaluation(L.LightningModule):
     :mod:`causal_ie.outputs.schema`) and ``artefacts`` what the report sections draw:
     ``localisation.examples``, a few (image, box, maps) per finding, and with an
     attack the attack study's ``attack`` artefacts.
+
+    With ``state`` (an :class:`~causal_ie.lightning.resume.EvaluationState`) the test loop
+    is resumable: every ``checkpoint_every`` batches, or when ``checkpoint_minutes`` have
+    passed since the last save, and on SIGTERM, SIGINT or SIGUSR1, each process saves what it
+    has accumulated; a signal then stops the run (:class:`~causal_ie.lightning.resume.EvaluationStopped`).
+    A run that finds a saved state continues after its last saved batch.
     """
 
     def __init__(
@@ -134,6 +156,9 @@ class CEEvaluation(L.LightningModule):
         seed: int = 0,
         unlabelled_findings: Sequence[str] = (),
         source: str = "the classifier",
+        state: EvaluationState | None = None,
+        checkpoint_every: int | None = 10,
+        checkpoint_minutes: float = 5.0,
     ):
         super().__init__()
         self.source = source  # for messages: "checkpoint outputs/.../best.ckpt"
@@ -175,6 +200,17 @@ class CEEvaluation(L.LightningModule):
         # latent explainers with space=autoencoder are fitted in on_test_start; what they report
         self.autoencoder_cache = autoencoder_cache
         self.autoencoder_fits: dict[str, dict[str, Any]] = {}
+        # resumable test loop (causal_ie.lightning.resume)
+        self.state = state if checkpoint_every is not None else None  # null: not resumable
+        self.checkpoint_every = 0 if checkpoint_every is None else validators.count("evaluation.checkpoint_every",
+                                                                                      checkpoint_every)
+        self.checkpoint_minutes = validators.number("evaluation.checkpoint_minutes", checkpoint_minutes, 0.0)
+        self.signals: StopSignals | None = None
+        self.resumed_batches = 0  # batches a saved state had already seen (skipped)
+        self.state_saves: list[float] = []  # seconds each save took
+        self._resumed_rng: dict[str, Any] | None = None
+        self._batches_done = 0
+        self._last_save = 0.0
 
     def on_test_start(self) -> None:
         """Fit (or load) the latent explainers' autoencoders (:func:`fit_autoencoders`) now that
@@ -184,6 +220,15 @@ class CEEvaluation(L.LightningModule):
         self.autoencoder_fits = fit_autoencoders(
             self.explainers, self.classifier, self._train_images, self.autoencoder_cache, strategy
         )
+        if self.state is not None:
+            launcher = self.trainer.strategy.launcher if self.trainer.is_global_zero else None
+            self.signals = StopSignals(forward_to_children(launcher))
+            self.signals.install()
+
+    def on_test_end(self) -> None:
+        if self.signals is not None:
+            self.signals.restore()
+            self.signals = None
 
     def _train_images(self) -> Iterator[Tensor]:
         """One pass over the datamodule's training images (the autoencoder's training data)."""
@@ -200,8 +245,73 @@ class CEEvaluation(L.LightningModule):
         self.examples = []
         self._pairs_seen = torch.zeros((), dtype=torch.long, device=self.device)
         self._images_seen = torch.zeros((), dtype=torch.long, device=self.device)
+        self.resumed_batches, self._resumed_rng, self._batches_done = 0, None, 0
+        self._last_save = time.monotonic()
+        if self.state is not None:
+            saved = self.state.load(self.global_rank, self.trainer.world_size)
+            if saved is not None:
+                self._load_loop_state(saved)
+
+    # -- resumable test loop ----------------------------------------------------------------
+    def loop_state(self) -> dict[str, Any]:
+        """What the test loop has accumulated so far on this process (see :meth:`_load_loop_state`)."""
+        return {
+            "metrics": metric_states(self, skip=[self.classifier]),
+            "examples": self.examples,
+            "pairs_seen": int(self._pairs_seen),
+            "images_seen": int(self._images_seen),
+            "attack": None if self.attack is None else self.attack.loop_state(),
+            "rng": rng_state(),
+        }
+
+    def _load_loop_state(self, saved: Mapping[str, Any]) -> None:
+        load_metric_states(self, saved["metrics"], self.device, skip=[self.classifier])
+        self.examples = list(saved["examples"])
+        self._pairs_seen.fill_(int(saved["pairs_seen"]))
+        self._images_seen.fill_(int(saved["images_seen"]))
+        if self.attack is not None:
+            self.attack.load_loop_state(saved["attack"])
+        self.resumed_batches = self._batches_done = int(saved["batches"])
+        self._resumed_rng = saved["rng"]  # restored when the first unseen batch starts
+        log.info("resuming the evaluation from %s: %d test batch(es) of process %d already done",
+                 self.state.directory, self.resumed_batches, self.global_rank)
+
+    def save_state(self, complete: bool = False) -> None:
+        """Save this process's test-loop state now (atomically)."""
+        assert self.state is not None
+        seconds = self.state.save(self.global_rank, self.trainer.world_size, self._batches_done, complete,
+                                  self.loop_state())
+        self.state_saves.append(seconds)
+        self._last_save = time.monotonic()
+
+    def on_test_batch_start(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
+        if self._resumed_rng is not None and batch_idx == self.resumed_batches:
+            set_rng_state(self._resumed_rng)  # the streams as they were after the last saved batch
+            self._resumed_rng = None
+
+    def on_test_batch_end(self, outputs: Any, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
+        if self.state is None or batch_idx < self.resumed_batches:
+            return
+        self._batches_done = batch_idx + 1
+        stop = self.signals is not None and self.signals.received is not None
+        due = (self._batches_done - self.resumed_batches) % self.checkpoint_every == 0
+        late = time.monotonic() - self._last_save >= 60.0 * self.checkpoint_minutes
+        if stop or due or late:
+            self.save_state()
+        if stop:
+            assert self.signals is not None and self.signals.at is not None
+            if self.trainer.is_global_zero and self.trainer.world_size > 1:
+                # Lightning kills the other processes when this one raises: let them save first
+                late_ranks = self.state.wait_for(range(1, self.trainer.world_size), self.signals.at, timeout=60.0)
+                if late_ranks:
+                    log.warning("process(es) %s did not save within 60 s: they resume from their last save", late_ranks)
+            raise EvaluationStopped(self.signals.received, self.state.directory, self._batches_done)
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
+        if batch_idx < self.resumed_batches:
+            return  # seen before the run was stopped: its contribution is in the restored state
+        if "padding" in batch:
+            return  # the placeholder of a process with no test images (EmptyShard)
         images, labels, boxes = batch["image"], batch["labels"], batch["boxes"]
         # measurements are float32 under *-mixed too (causal_ie.precision); CE maps: the explainers
         with torch.no_grad(), full_precision(self.device):
@@ -282,6 +392,9 @@ class CEEvaluation(L.LightningModule):
             )
 
     def on_test_epoch_end(self) -> None:
+        if self.state is not None:  # a stop from here on repeats no batch
+            self.save_state(complete=True)
+        pad_empty_states(self, skip=[self.classifier])  # a process without images syncs empty states
         auroc_mean, per_finding = finding_aurocs(self.auroc.compute(), self.scored)
         self.auroc.reset()
         results: dict[str, Any] = {
