@@ -21,7 +21,7 @@ from causal_ie.explain.report import LocalisationReport
 from causal_ie.interventions.autoencoder import AutoencoderCache
 from causal_ie.lightning.callbacks import CEMapLogger
 from causal_ie.lightning.evaluation import CEEvaluation
-from causal_ie.lightning.resume import STATE_DIR, EvaluationState, run_settings
+from causal_ie.lightning.resume import STATE_DIR, AdaptiveCheckpoint, EvaluationState, run_settings
 from causal_ie.outputs.report import write_report
 from causal_ie.outputs.results import write_results
 from causal_ie.runs import build_callbacks, check_compatible, classifier_identity, instantiate_dict, load_classifier
@@ -59,6 +59,15 @@ def build_attack_evaluation(
     if attack.adaptive:
         built.adaptive.check(built)  # an adaptive study that cannot run fails before the test loop
     return built
+
+
+def run_adaptive(module: CEEvaluation, attack: AttackEvaluation, classifier: nn.Module, dataset: Any,
+                 records: Any) -> dict[str, Any]:
+    """The adaptive study, its progress saved beside the test loop's state (resumable alike)."""
+    if module.state is None:
+        return attack.adaptive.run(attack, classifier, dataset, records)
+    with AdaptiveCheckpoint(module.state, module.checkpoint_every, module.checkpoint_minutes) as progress:
+        return attack.adaptive.run(attack, classifier, dataset, records, progress=progress, resume=progress.resume)
 
 
 def reference_images(datamodule: L.LightningDataModule, limit: int) -> list[Tensor]:
@@ -134,7 +143,7 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         if attack is not None and attack.attack.adaptive and "skipped" not in results["detection"]:
             # after the rest is saved: it takes long
             records = module.artefacts["attack"]["records"]
-            results["detection"]["adaptive"] = attack.adaptive.run(attack, classifier, datamodule.dataset("test"), records)
+            results["detection"]["adaptive"] = run_adaptive(module, attack, classifier, datamodule.dataset("test"), records)
             write_results(out_dir, results)
             write_report(out_dir, results, sections, figures.figures)
         state.clear()  # the results are written: a rerun in this directory starts anew

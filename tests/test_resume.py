@@ -173,3 +173,39 @@ def test_ddp_cpu_shards_are_saved_per_process_and_each_resumes(tmp_path, checkpo
             assert resumed[key] == pytest.approx(value, abs=tolerance, nan_ok=True), key
         elif not key.startswith("run."):
             assert resumed[key] == value, key
+
+
+# the joint adaptive attacker on 8 images in batches of 2, two lambdas, with the randomised
+# noise_flip detector (EOT draws from its own generator): 4 halves' batches per lambda
+ADAPTIVE = [s for s in RESUMABLE if not s.startswith(("attack.", "detection.detectors.ce.", "cams", "detection.test"))] + [
+    "cams=[]", "evaluation.faithfulness=false", "detection.test_images=16", "~detection.detectors.feature_squeezing",
+    "attack.eps=0.05", "attack.steps=2", "attack.adaptive=true", "detection.adaptive.images=8",
+    "detection.adaptive.batch_size=2", "detection.adaptive.weights=[0.01,1.0]", "detection.adaptive.steps=2",
+    "detection.adaptive.eot_samples=2", "detection.detectors.ce.grids=[4]", "detection.detectors.ce.window=null",
+    "detection.detectors.ce.latent_layer=null", "~detection.detectors.mahalanobis"]
+
+
+@pytest.mark.slow
+def test_a_stop_in_the_adaptive_study_resumes_to_the_uninterrupted_results(tmp_path, checkpoint, monkeypatch):
+    stop_at = 2  # in the first half: the rest of its attack, then the second half from the saved draws
+    import causal_ie.lightning.resume as resume
+
+    evaluate(eval_cfg(tmp_path / "whole", checkpoint, *ADAPTIVE))
+    whole = _numbers(read_results(tmp_path / "whole" / "results.json"))
+    assert whole["detection.adaptive.images"] == 8
+    progress = resume.AdaptiveCheckpoint.__call__
+
+    def signalled(self, state):
+        if self.calls + 1 == stop_at:  # a signal while this batch was attacked
+            os.kill(os.getpid(), signal.SIGTERM)
+        progress(self, state)
+
+    monkeypatch.setattr(resume.AdaptiveCheckpoint, "__call__", signalled)
+    with pytest.raises(EvaluationStopped, match=f"after {stop_at} adaptive-attack batch"):
+        evaluate(eval_cfg(tmp_path / "run", checkpoint, *ADAPTIVE))
+    assert (tmp_path / "run" / STATE_DIR / "adaptive.pt").is_file()
+    assert "adaptive" not in read_results(tmp_path / "run" / "results.json")["detection"]  # written before it
+    monkeypatch.setattr(resume.AdaptiveCheckpoint, "__call__", progress)
+    evaluate(eval_cfg(tmp_path / "run", checkpoint, *ADAPTIVE))
+    _same(_numbers(read_results(tmp_path / "run" / "results.json")), whole)
+    assert not (tmp_path / "run" / STATE_DIR).exists()

@@ -44,7 +44,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -409,11 +409,16 @@ class AdaptivePGD:
 
     # -- entry point -----------------------------------------------------------------
     def __call__(
-        self, model: nn.Module, images: Tensor, labels: Tensor, finding: Tensor | int | None = None
+        self, model: nn.Module, images: Tensor, labels: Tensor, finding: Tensor | int | None = None,
+        progress: Callable[[dict[str, Any]], None] | None = None, resume: Mapping[str, Any] | None = None,
     ) -> AdaptiveAdversarial:
         """Attack ``images`` [N, C, H, W] in [0, 1] with true ``labels`` [N, K] (0/1) on finding
         ``finding`` of each image (LongTensor [N], one int for all, or None: each image's most
         likely finding on the clean image, as ``attack.target=top``).
+
+        ``progress`` is called after every batch of every lambda run with the loop's state (CPU
+        tensors); the same images with that state as ``resume`` continue after that batch and
+        end where an uninterrupted call does (a long study survives a stop).
 
         Runs the model in eval mode, its parameters (and a detector module's) frozen; every
         flag comes back afterwards and no parameter gets a ``.grad``. Works inside
@@ -442,7 +447,7 @@ class AdaptivePGD:
             stack.enter_context(_frozen(model, *detector_modules))
             # copies made outside inference mode are ordinary tensors autograd accepts
             x0 = to_model(model, images.detach().clone())
-            result = self._attack(model, x0, labels.detach().clone(), finding)
+            result = self._attack(model, x0, labels.detach().clone(), finding, progress, resume)
         result.images = result.images.to(device=images.device, dtype=images.dtype)
         result.last = result.last.to(device=images.device, dtype=images.dtype)
         return result
@@ -560,7 +565,9 @@ class AdaptivePGD:
             return last, ok, dd, gg, last
         return best_x, best_ok, best_d, best_gain, last
 
-    def _attack(self, model: nn.Module, x0: Tensor, labels: Tensor, finding: Tensor | int | None) -> AdaptiveAdversarial:
+    def _attack(self, model: nn.Module, x0: Tensor, labels: Tensor, finding: Tensor | int | None,
+                progress: Callable[[dict[str, Any]], None] | None = None,
+                resume: Mapping[str, Any] | None = None) -> AdaptiveAdversarial:
         device = x0.device
         with torch.no_grad():
             clean = model(x0)
@@ -585,10 +592,24 @@ class AdaptivePGD:
         weight = torch.full((n,), math.nan, dtype=torch.float64, device=device)
         runs = torch.zeros(n, dtype=torch.long, device=device)
         active = torch.ones(n, dtype=torch.bool, device=device)
-        for lam in self.weights:
-            start = self._start(x0, generator)
+        loop = {"images": images, "last": last, "success": success, "logit": logit, "gain": gain, "weight": weight,
+                "runs": runs, "active": active}
+        at_round, at_batch = 0, 0  # where the loop (re)starts
+        if resume is not None:
+            if tuple(resume["images"].shape) != tuple(x0.shape):
+                raise ValueError(f"resume: the saved attack ran on {tuple(resume['images'].shape)} images, not "
+                                 f"{tuple(x0.shape)}")
+            for key, tensor in loop.items():
+                tensor.copy_(resume[key].to(device=device, dtype=tensor.dtype))
+            at_round, at_batch = int(resume["round"]), int(resume["next"])
+        for r, lam in enumerate(self.weights):
+            start = self._start(x0, generator)  # drawn for every run, skipped or not: the same stream
+            if r < at_round:
+                continue
             idx_all = torch.nonzero(active).flatten()
             for a in range(0, idx_all.numel(), self.batch_size):
+                if r == at_round and a < at_batch:
+                    continue
                 idx = idx_all[a : a + self.batch_size]
                 bx, bok, bd, bg, blast = self._run(
                     model, x0[idx], goal[idx], finding[idx], lam, None if start is None else start[idx]
@@ -602,6 +623,9 @@ class AdaptivePGD:
                 weight[sel] = lam
                 last[idx] = blast
                 runs[idx] += 1
+                if progress is not None:
+                    progress({"round": r, "next": a + self.batch_size,
+                              **{k: v.detach().cpu().clone() for k, v in loop.items()}})
             if self.threshold is not None:
                 active &= ~(success & (logit < self.threshold))
             # progress: each lambda round is a full PGD run through the differentiable detector

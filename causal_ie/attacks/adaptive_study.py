@@ -25,7 +25,7 @@ only.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -135,67 +135,103 @@ class AdaptiveStudy:
             raise ValueError("attack.adaptive attacks one finding per image: use attack.target=top or a finding name")
 
     # -- the study -------------------------------------------------------------------------
-    def run(self, study: Any, classifier: nn.Module, dataset: Dataset, records: AttackRecords) -> dict[str, Any]:
+    def run(self, study: Any, classifier: nn.Module, dataset: Dataset, records: AttackRecords,
+            progress: Callable[[dict[str, Any]], None] | None = None,
+            resume: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """Results ``detection.adaptive``: per detector the AUROC (with intervals) of clean vs
         adaptive images, the evasion shares, the attack's success rate and how many images it
         ran on. ``study``: the AttackEvaluation whose ``records`` these are; ``dataset``: the
-        test split they index."""
+        test split they index.
+
+        ``progress`` is called after every attacked batch (and each finished half) with the
+        study's progress so far; passing it back as ``resume`` continues from there and gives
+        the results of an uninterrupted run (the detectors' own random draws included)."""
         self.check(study)
         detection = study.detection
         attacked, not_attacked = self.attacked(study)
         rows = detection.rows(records)
-        deployed = list(detection.detectors)  # "no detector flags it": the detectors selected, not their views
         selection = records.pairs(detection.pairs)
         groups = records.groups
         chosen = self._choose(groups, selection)
         halves = split_halves(list(groups[chosen]), self.seed)
         matrices = {name: row.matrices(records) for name, row in rows.items()}  # the non-adaptive pairs
-        clean_scores: dict[str, list[np.ndarray]] = {name: [] for name in rows}
-        adv_scores: dict[str, list[np.ndarray]] = {name: [] for name in rows}
-        # per attacked image and detector: did the attack reach its goal below the detector's threshold?
-        evaded: dict[str, dict[str, list[np.ndarray]]] = {"adaptive": {}, "non_adaptive": {}}
-        pair_groups: list[str] = []
-        evaded_groups: list[str] = []
-        attempted = succeeded = 0
+        done: list[dict[str, Any]] = list(resume["halves"]) if resume is not None else []
         for part, half in enumerate((halves, ~halves), start=1):
-            test = chosen[half]
-            log.info("adaptive study, half %d of 2: %d image(s) of unseen patients", part, len(test))
-            train = selection.copy()
-            train[np.isin(groups, np.unique(groups[test]))] = False
-            fitted = {name: row.fit(*matrices[name], train, detection.seed) for name, row in rows.items()}
-            # each detector's operating point: its 5 % FPR threshold on the training half's clean images
-            thresholds = {name: float(np.quantile(decision_scores(fitted[name], matrices[name][0][train]), 0.95))
-                          for name in rows}
-            index = records.index[test]
-            items = [dataset[int(i)] for i in index]
-            images = to_model(classifier, torch.stack([item["image"] for item in items]))
-            labels = torch.stack([item["labels"] for item in items]).to(images.device)
-            joint = JointDetectorLogit(classifier, detection.detectors, rows, fitted, thresholds, attacked,
-                                       self.eot_samples, self.margin)
-            adversarial = self._attack(study, classifier, joint, images, labels)
-            # reaching the goal counts only where the attack could change the image (as in the main study)
-            ok = adversarial.success.cpu().numpy() & (records.outcome("eligible")[test] > 0)
-            attempted, succeeded = attempted + len(test), succeeded + int(ok.sum())
-            # every detector as deployed (its own features of the adaptive images, its threshold)
-            with torch.no_grad():
-                probs = classifier(adversarial.images).sigmoid()
-            features = detection.features(classifier, adversarial.images, probs,
-                                          torch.as_tensor(index, device=images.device), "adv")
-            view = records.subset(test).with_side("adv", {k: v.detach().cpu().double().numpy() for k, v in features.items()})
-            scored = self._scored_pairs(detection.pairs, ok, adversarial.images, images)
-            for name, row in rows.items():
-                clean, adv = row.matrices(view)
-                below = decision_scores(fitted[name], adv) < thresholds[name]
-                below_before = decision_scores(fitted[name], matrices[name][1][test]) < thresholds[name]
-                evaded["adaptive"].setdefault(name, []).append(ok & below)
-                evaded["non_adaptive"].setdefault(name, []).append(records.reached_goal[test] & below_before)
-                if scored.any():  # a half may leave no pair to score (no attack reached its goal)
-                    clean_scores[name].append(fitted[name].predict_proba(clean[scored])[:, 1])
-                    adv_scores[name].append(fitted[name].predict_proba(adv[scored])[:, 1])
-            for side in ("adaptive", "non_adaptive"):  # unseen by every deployed detector at once
-                evaded[side].setdefault("all", []).append(np.all([evaded[side][n][-1] for n in deployed], axis=0))
-            evaded_groups += list(groups[test])
-            pair_groups += list(groups[test][scored])
+            if part <= len(done):
+                continue  # finished before the stop
+            attack_resume = None
+            if resume is not None:  # the first half to run after a stop: the draws as they were then
+                _set_draws(detection.detectors, resume["draws"])
+                attack_resume = resume.get("attack") if resume.get("half") == part else None
+                resume = None
+
+            def report(state: dict[str, Any], part: int = part) -> None:
+                if progress is not None:
+                    progress({"halves": done, "half": part, "attack": state, "draws": _draws(detection.detectors)})
+
+            done.append(self._half(part, chosen[half], study, classifier, dataset, records, rows, matrices,
+                                   selection, attacked, report, attack_resume))
+            if progress is not None:
+                progress({"halves": done, "half": part + 1, "attack": None, "draws": _draws(detection.detectors)})
+        return self._results(done, attacked, not_attacked, study)
+
+    def _half(self, part: int, test: np.ndarray, study: Any, classifier: nn.Module, dataset: Dataset,
+              records: AttackRecords, rows: Mapping[str, Any], matrices: Mapping[str, Any], selection: np.ndarray,
+              attacked: list[str], progress: Callable[[dict[str, Any]], None],
+              resume: Mapping[str, Any] | None) -> dict[str, Any]:
+        """One half: its clean images attacked against detectors fitted on the other patients,
+        and what every detector, as deployed, makes of them."""
+        detection = study.detection
+        groups = records.groups
+        log.info("adaptive study, half %d of 2: %d image(s) of unseen patients", part, len(test))
+        train = selection.copy()
+        train[np.isin(groups, np.unique(groups[test]))] = False
+        fitted = {name: row.fit(*matrices[name], train, detection.seed) for name, row in rows.items()}
+        # each detector's operating point: its 5 % FPR threshold on the training half's clean images
+        thresholds = {name: float(np.quantile(decision_scores(fitted[name], matrices[name][0][train]), 0.95))
+                      for name in rows}
+        index = records.index[test]
+        items = [dataset[int(i)] for i in index]
+        images = to_model(classifier, torch.stack([item["image"] for item in items]))
+        labels = torch.stack([item["labels"] for item in items]).to(images.device)
+        joint = JointDetectorLogit(classifier, detection.detectors, rows, fitted, thresholds, attacked,
+                                   self.eot_samples, self.margin)
+        adversarial = self._attack(study, classifier, joint, images, labels, progress, resume)
+        # reaching the goal counts only where the attack could change the image (as in the main study)
+        ok = adversarial.success.cpu().numpy() & (records.outcome("eligible")[test] > 0)
+        # every detector as deployed (its own features of the adaptive images, its threshold)
+        with torch.no_grad():
+            probs = classifier(adversarial.images).sigmoid()
+        features = detection.features(classifier, adversarial.images, probs,
+                                      torch.as_tensor(index, device=images.device), "adv")
+        view = records.subset(test).with_side("adv", {k: v.detach().cpu().double().numpy() for k, v in features.items()})
+        scored = self._scored_pairs(detection.pairs, ok, adversarial.images, images)
+        out: dict[str, Any] = {"attempted": len(test), "succeeded": int(ok.sum()), "evaded_groups": list(groups[test]),
+                               "pair_groups": list(groups[test][scored]), "clean": {}, "adv": {},
+                               "evaded": {"adaptive": {}, "non_adaptive": {}}}
+        for name, row in rows.items():
+            clean, adv = row.matrices(view)
+            below = decision_scores(fitted[name], adv) < thresholds[name]
+            below_before = decision_scores(fitted[name], matrices[name][1][test]) < thresholds[name]
+            out["evaded"]["adaptive"][name] = ok & below
+            out["evaded"]["non_adaptive"][name] = records.reached_goal[test] & below_before
+            if scored.any():  # a half may leave no pair to score (no attack reached its goal)
+                out["clean"][name] = fitted[name].predict_proba(clean[scored])[:, 1]
+                out["adv"][name] = fitted[name].predict_proba(adv[scored])[:, 1]
+        deployed = list(detection.detectors)  # "no detector flags it": the detectors selected, not their views
+        for side in ("adaptive", "non_adaptive"):  # unseen by every deployed detector at once
+            out["evaded"][side]["all"] = np.all([out["evaded"][side][n] for n in deployed], axis=0)
+        return out
+
+    def _results(self, halves: Sequence[Mapping[str, Any]], attacked: list[str], not_attacked: Mapping[str, str],
+                 study: Any) -> dict[str, Any]:
+        detection = study.detection
+        attempted = sum(h["attempted"] for h in halves)
+        succeeded = sum(h["succeeded"] for h in halves)
+        evaded = {side: {name: [h["evaded"][side][name] for h in halves] for name in halves[0]["evaded"][side]}
+                  for side in ("adaptive", "non_adaptive")}
+        evaded_groups = [g for h in halves for g in h["evaded_groups"]]
+        pair_groups = [g for h in halves for g in h["pair_groups"]]
         out: dict[str, Any] = {
             "against": self.against,
             "attacked": attacked,
@@ -211,9 +247,13 @@ class AdaptiveStudy:
         if len(set(pair_groups)) < 2:
             log.warning("the adaptive attack gave %s pairs of fewer than 2 patients: no detection scores", detection.pairs)
             return out
-        for name in rows:
-            out[name] = score_detector(np.concatenate(clean_scores[name]), np.concatenate(adv_scores[name]),
-                                       pair_groups, detection.n_boot, detection.seed)
+        for name in halves[0]["evaded"]["adaptive"]:
+            if name == "all":
+                continue
+            clean = [h["clean"][name] for h in halves if name in h["clean"]]
+            adv = [h["adv"][name] for h in halves if name in h["adv"]]
+            out[name] = score_detector(np.concatenate(clean), np.concatenate(adv), pair_groups, detection.n_boot,
+                                       detection.seed)
         return out
 
     @staticmethod
@@ -257,7 +297,8 @@ class AdaptiveStudy:
             raise ValueError("attack.adaptive needs selected attack pairs of at least 2 patients")
         return np.array(sorted(chosen))
 
-    def _attack(self, study: Any, classifier: nn.Module, joint: JointDetectorLogit, images: Tensor, labels: Tensor):
+    def _attack(self, study: Any, classifier: nn.Module, joint: JointDetectorLogit, images: Tensor, labels: Tensor,
+                progress: Callable[[dict[str, Any]], None] | None = None, resume: Mapping[str, Any] | None = None):
         """The images attacked on their finding's loss minus lambda times the joint margin logit
         (below 0: no attacked detector flags the image)."""
         attack = study.attack
@@ -281,4 +322,27 @@ class AdaptiveStudy:
             to=attack.to,
             batch_size=self.batch_size,
         )
-        return adaptive(classifier, images, labels, finding)
+        return adaptive(classifier, images, labels, finding, progress=progress, resume=resume)
+
+
+def _draws(detectors: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """The state of every random generator the detectors hold (their draws for the attacker's
+    calls, EOT), so a resumed study draws what an uninterrupted one would."""
+    out: dict[str, dict[str, Any]] = {}
+    for name, detector in detectors.items():
+        for attr, value in vars(detector).items():
+            if isinstance(value, np.random.Generator):
+                out.setdefault(name, {})[attr] = value.bit_generator.state
+            elif isinstance(value, torch.Generator):
+                out.setdefault(name, {})[attr] = value.get_state()
+    return out
+
+
+def _set_draws(detectors: Mapping[str, Any], states: Mapping[str, Mapping[str, Any]]) -> None:
+    for name, attrs in states.items():
+        for attr, state in attrs.items():
+            value = getattr(detectors[name], attr)
+            if isinstance(value, np.random.Generator):
+                value.bit_generator.state = state
+            else:
+                value.set_state(state)

@@ -35,6 +35,7 @@ from causal_ie.io import atomic_open
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "AdaptiveCheckpoint",
     "EvaluationState",
     "EvaluationStopped",
     "ResumeRefused",
@@ -57,13 +58,14 @@ SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1")
 
 class EvaluationStopped(Exception):
     """A signal stopped the evaluation after its state was saved; ``exit_code`` is 128 + the
-    signal's number, as a shell reports a process ended by it."""
+    signal's number, as a shell reports a process ended by it. ``batches``: the batches this
+    process had done (of the test loop, or of the adaptive attack when ``part`` says so)."""
 
-    def __init__(self, signum: int, directory: Path, batches: int):
+    def __init__(self, signum: int, directory: Path, batches: int, part: str = "test"):
         self.signum, self.directory, self.batches = int(signum), Path(directory), int(batches)
         self.exit_code = 128 + self.signum
         super().__init__(
-            f"stopped by {signal.Signals(self.signum).name} after {batches} test batch(es) of this process; "
+            f"stopped by {signal.Signals(self.signum).name} after {batches} {part} batch(es) of this process; "
             f"the state is saved in {directory}: run the same command with the same hydra.run.dir "
             f"(or resume={directory.parent}) to continue"
         )
@@ -243,6 +245,23 @@ class EvaluationState:
             )
         return saved
 
+    # the adaptive study (after the test loop, on global rank 0 only)
+    def save_adaptive(self, progress: Mapping[str, Any]) -> None:
+        with atomic_open(self.directory / "adaptive.pt", "wb") as f:
+            torch.save({"format": FORMAT, "settings": self.settings, "progress": dict(progress)}, f)
+
+    def load_adaptive(self) -> dict[str, Any] | None:
+        """The adaptive study's saved progress (None when there is none). The test loop's state
+        beside it has been checked against this run's settings; this file is checked too."""
+        path = self.directory / "adaptive.pt"
+        if not path.is_file():
+            return None
+        saved = torch.load(path, map_location="cpu", weights_only=False)
+        differ = self.differences(saved.get("settings", {}))
+        if saved.get("format") != FORMAT or differ:
+            raise ResumeRefused(f"{path} was saved with other settings than this run's: {'; '.join(differ[:8])}")
+        return saved["progress"]
+
     def differences(self, saved: Mapping[str, str]) -> list[str]:
         """``key: saved -> now`` for every setting that differs."""
         keys = sorted(set(saved) | set(self.settings))
@@ -269,7 +288,7 @@ class EvaluationState:
 
     def clear(self) -> None:
         """Remove the saved state (the run has written its final results)."""
-        for path in self.directory.glob("rank*.pt"):
+        for path in [*self.directory.glob("rank*.pt"), self.directory / "adaptive.pt"]:
             path.unlink(missing_ok=True)
         try:
             self.directory.rmdir()
@@ -315,6 +334,38 @@ class StopSignals:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
         self._previous = {}
+
+
+class AdaptiveCheckpoint:
+    """The adaptive study's ``progress`` callback: saves every ``every`` attacked batches, at the
+    latest after ``minutes``, and on a stop signal (then it raises :class:`EvaluationStopped`).
+    ``resume``: the progress a stopped run saved, for :meth:`AdaptiveStudy.run`. Use as a
+    context (it catches the signals while the study runs)."""
+
+    def __init__(self, state: EvaluationState, every: int, minutes: float):
+        self.state, self.every, self.minutes = state, int(every), float(minutes)
+        self.signals = StopSignals()
+        self.resume = state.load_adaptive()
+        if self.resume is not None:
+            log.info("resuming the adaptive study from %s", state.directory / "adaptive.pt")
+        self.calls = 0
+        self._last = time.monotonic()
+
+    def __enter__(self) -> AdaptiveCheckpoint:
+        self.signals.install()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.signals.restore()
+
+    def __call__(self, progress: Mapping[str, Any]) -> None:
+        self.calls += 1
+        stop = self.signals.received
+        if stop is not None or self.calls % self.every == 0 or time.monotonic() - self._last >= 60.0 * self.minutes:
+            self.state.save_adaptive(progress)
+            self._last = time.monotonic()
+        if stop is not None:
+            raise EvaluationStopped(stop, self.state.directory, self.calls, part="adaptive-attack")
 
 
 def forward_to_children(launcher: Any) -> Callable[[int], None] | None:
