@@ -394,6 +394,8 @@ class CEEvaluation(L.LightningModule):
     def on_test_epoch_end(self) -> None:
         if self.state is not None:  # a stop from here on repeats no batch
             self.save_state(complete=True)
+            log.info("evaluation state: %d save(s) of process %d took %.3f s in all", len(self.state_saves),
+                     self.global_rank, sum(self.state_saves))
         pad_empty_states(self, skip=[self.classifier])  # a process without images syncs empty states
         auroc_mean, per_finding = finding_aurocs(self.auroc.compute(), self.scored)
         self.auroc.reset()
