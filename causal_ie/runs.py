@@ -19,11 +19,11 @@ from torch import nn
 
 from causal_ie.io import atomic_write_text
 from causal_ie.labels import LabelAlignment, model_labels
-from causal_ie.lightning.resume import EvaluationStopped
 from causal_ie.models import Classifier
 
 TRAINABLE = "causal_ie.models.Classifier"  # the _target_ of conf/model/_classifier.yaml
 from causal_ie.outputs.results import flatten
+from causal_ie.stopping import EvaluationStopped
 
 log = logging.getLogger(__name__)
 

@@ -114,3 +114,27 @@ def test_the_output_layer_imports_no_experiment():
     for name, targets in graph.items():
         if name.startswith("causal_ie.outputs"):
             assert all(t.startswith(allowed) for t in targets), (name, sorted(targets))
+
+
+def package_graph(graph: dict[str, set[str]]) -> dict[str, set[str]]:
+    """The module graph collapsed to causal_ie's sub-packages and top-level modules
+    (``causal_ie.lightning.resume`` -> ``causal_ie.lightning``), edges inside one left out."""
+    def unit(name: str) -> str:
+        return ".".join(name.split(".")[:2])
+
+    out: dict[str, set[str]] = {}
+    for name, targets in graph.items():
+        out.setdefault(unit(name), set()).update(unit(t) for t in targets if unit(t) != unit(name))
+    for targets in list(out.values()):
+        for t in targets:
+            out.setdefault(t, set())
+    return out
+
+
+def test_the_packages_form_a_dag():
+    """A cycle between packages hides in a module graph without one (runs -> lightning.resume,
+    lightning.evaluation -> explain, explain.task -> runs): the packages are checked too."""
+    packages = package_graph(import_graph())
+    assert "causal_ie.lightning" in packages and "causal_ie.runs" in packages
+    assert cycles(packages) == []
+    assert cycles(package_graph({"p.a.x": {"p.b.y"}, "p.b.y": set(), "p.b.z": {"p.a.w"}, "p.a.w": set()})) == [["p.a", "p.b"]]

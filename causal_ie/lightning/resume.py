@@ -31,6 +31,7 @@ from torch import nn
 from torchmetrics import Metric
 
 from causal_ie.io import atomic_open
+from causal_ie.stopping import EvaluationStopped
 
 log = logging.getLogger(__name__)
 
@@ -54,21 +55,6 @@ IGNORED = (
     "trainer.enable_model_summary", "trainer.default_root_dir",
 )
 SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1")
-
-
-class EvaluationStopped(Exception):
-    """A signal stopped the evaluation after its state was saved; ``exit_code`` is 128 + the
-    signal's number, as a shell reports a process ended by it. ``batches``: the batches this
-    process had done (of the test loop, or of the adaptive attack when ``part`` says so)."""
-
-    def __init__(self, signum: int, directory: Path, batches: int, part: str = "test"):
-        self.signum, self.directory, self.batches = int(signum), Path(directory), int(batches)
-        self.exit_code = 128 + self.signum
-        super().__init__(
-            f"stopped by {signal.Signals(self.signum).name} after {batches} {part} batch(es) of this process; "
-            f"the state is saved in {directory}: run the same command with the same hydra.run.dir "
-            f"(or resume={directory.parent}) to continue"
-        )
 
 
 class ResumeRefused(ValueError):
