@@ -194,9 +194,9 @@ def bench(backbone: str, size: int, args) -> dict:
     approx_names = [n for n in runs if n.startswith("approx:")]
     if approx_names and args.check_images:
         if weights:  # SyntheticCXR test images: a trained model's maps on the images it knows
-            from causal_ie.data.datamodule import ChestXray14DataModule
+            from causal_ie.data.sources import SyntheticDataModule
 
-            data = ChestXray14DataModule(source="synthetic", image_size=size, augment=False, seed=12345, synthetic={
+            data = SyntheticDataModule(image_size=size, augment=False, seed=12345, synthetic={
                 "num_train": 4, "num_val": 4, "num_test": args.check_images})
             data.setup("test")
             test = data.dataset("test")

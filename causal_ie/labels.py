@@ -189,6 +189,18 @@ class LabelAlignment:
                 box_out[..., j, :] = torch.where(one[..., None], chosen, float("nan"))
         return out, box_out
 
+    def relabel_masks(self, masks: Tensor) -> Tensor:
+        """Data ``masks`` [..., D, H, W] (bool) in the model's order [..., M, H, W]: a merged
+        output's mask is the union of its data labels' (unlike a box, masks unite); an output
+        the data does not annotate has none."""
+        masks = torch.as_tensor(masks).bool()
+        lead = masks.shape[:-3]
+        out = torch.zeros((*lead, len(self.model), *masks.shape[-2:]), dtype=torch.bool)
+        for j, cols in enumerate(self.columns):
+            if cols:
+                out[..., j, :, :] = masks[..., list(cols), :, :].any(-3)
+        return out
+
 
 def align(data: LabelSpace, model: LabelSpace) -> LabelAlignment:
     """Match ``data``'s labels to ``model``'s outputs by name (aliases included), and through

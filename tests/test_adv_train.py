@@ -193,10 +193,10 @@ def test_unknown_key_is_refused_and_a_mapping_is_only_recorded(train_cfg, caplog
 @pytest.mark.slow
 def test_adversarial_training_makes_the_tiny_model_more_robust():
     """Same data, init and steps: PGD training leaves a much smaller PGD loss increase."""
-    from causal_ie.data.datamodule import ChestXray14DataModule
+    from causal_ie.data.sources import SyntheticDataModule
 
     eps = 0.03
-    dm = ChestXray14DataModule(
+    dm = SyntheticDataModule(
         image_size=32, batch_size=16, seed=0, augment=False,
         synthetic={"num_train": 128, "num_val": 32, "num_test": 16},
     )

@@ -1,4 +1,4 @@
-"""ChestXray14DataModule over all three sources: batch shapes, dtypes, splits, boxes, augmentation."""
+"""The data sources (synthetic, NIH, ChestMNIST) through the shared datamodule: batch shapes, dtypes, splits, boxes, augmentation."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch
 from nih_fixtures import make_chestmnist_root, make_nih_root
 
 from causal_ie.data import DataError
-from causal_ie.data.datamodule import ChestXray14DataModule
+from causal_ie.data.sources import ChestMNISTDataModule, NIHDataModule, SyntheticDataModule
 from causal_ie.data.transforms import BoxAwareAugment
 
 SMALL = {"num_train": 40, "num_val": 12, "num_test": 10}
@@ -23,7 +23,7 @@ def check_batch(batch: dict, size: int, n: int) -> None:
 
 
 def test_synthetic_batches_and_disjoint_splits():
-    dm = ChestXray14DataModule(image_size=32, batch_size=8, synthetic=SMALL, augment=False)
+    dm = SyntheticDataModule(image_size=32, batch_size=8, synthetic=SMALL, augment=False)
     dm.setup("fit")
     dm.setup("test")
     check_batch(next(iter(dm.train_dataloader())), 32, 8)
@@ -37,7 +37,7 @@ def test_synthetic_batches_and_disjoint_splits():
 
 
 def test_label_matrix_positive_weights_and_test_subset():
-    dm = ChestXray14DataModule(image_size=16, synthetic=SMALL, test_subset=4)
+    dm = SyntheticDataModule(image_size=16, synthetic=SMALL, test_subset=4)
     labels = dm.label_matrix("train")
     assert labels.shape == (40, 14)
     pos = labels.sum(0)
@@ -67,7 +67,7 @@ def test_training_augmentation_moves_boxes_with_the_image():
 
 def test_nih_source_scales_boxes_to_the_batch_image(tmp_path):
     root = make_nih_root(tmp_path, n_patients=8, images_per_patient=3, image_size=32, official_split=True)
-    dm = ChestXray14DataModule(source="nih", root=str(root), image_size=16, batch_size=4, cache_dir=str(tmp_path / "cache"), augment=False)
+    dm = NIHDataModule(root=str(root), image_size=16, batch_size=4, cache_dir=str(tmp_path / "cache"), augment=False)
     dm.setup("test")
     batch = next(iter(dm.test_dataloader()))
     check_batch(batch, 16, min(4, len(dm.dataset("test"))))
@@ -78,7 +78,7 @@ def test_nih_source_scales_boxes_to_the_batch_image(tmp_path):
 
 def test_chestmnist_source(tmp_path):
     root = make_chestmnist_root(tmp_path, size=28, n=(6, 3, 5))
-    dm = ChestXray14DataModule(source="chestmnist", root=str(root), image_size=24, batch_size=5, augment=False)
+    dm = ChestMNISTDataModule(root=str(root), image_size=24, batch_size=5, augment=False)
     dm.setup("test")
     batch = next(iter(dm.test_dataloader()))
     check_batch(batch, 24, 5)
@@ -86,24 +86,24 @@ def test_chestmnist_source(tmp_path):
 
 
 def test_bad_settings_are_named(tmp_path):
-    with pytest.raises(ValueError, match="data.source"):
-        ChestXray14DataModule(source="mimic")
-    with pytest.raises(DataError, match="data.root"):
-        ChestXray14DataModule(source="nih")
+    with pytest.raises(DataError, match="data.root is required for data=nih"):
+        NIHDataModule()
+    with pytest.raises(DataError, match="data.root is required for data=chestmnist"):
+        ChestMNISTDataModule()
     with pytest.raises(ValueError, match="data.image_size"):
-        ChestXray14DataModule(image_size=4)
+        SyntheticDataModule(image_size=4)
     with pytest.raises(ValueError, match="data.on_error"):
-        ChestXray14DataModule(on_error="ignore")
+        SyntheticDataModule(on_error="ignore")
     with pytest.raises(ValueError, match="data.test_subset"):
-        ChestXray14DataModule(test_subset=0)
+        SyntheticDataModule(test_subset=0)
     with pytest.raises(DataError, match=str(tmp_path / "missing")):
-        ChestXray14DataModule(source="nih", root=str(tmp_path / "missing"), image_size=16).setup("test")
+        NIHDataModule(root=str(tmp_path / "missing"), image_size=16).setup("test")
 
 
 def test_data_report_synthetic_and_chestmnist_counts(tmp_path):
     import json
 
-    dm = ChestXray14DataModule(image_size=16, synthetic=SMALL, test_subset=4)
+    dm = SyntheticDataModule(image_size=16, synthetic=SMALL, test_subset=4)
     report = dm.data_report()
     assert report == {
         "source": "synthetic",
@@ -111,14 +111,14 @@ def test_data_report_synthetic_and_chestmnist_counts(tmp_path):
     }
     assert dm.datasets == {}  # counting generates nothing
     root = make_chestmnist_root(tmp_path, size=28, n=(6, 3, 5))
-    report = ChestXray14DataModule(source="chestmnist", root=str(root), image_size=24).data_report()
+    report = ChestMNISTDataModule(root=str(root), image_size=24).data_report()
     assert json.loads(json.dumps(report)) == report
     assert report["splits"] == {"train": {"images": 6}, "val": {"images": 3}, "test": {"images": 5}}
 
 
 def test_nih_data_report_after_setup_is_the_same_read(tmp_path):
     root = make_nih_root(tmp_path, n_patients=8, images_per_patient=3, image_size=32, official_split=True)
-    dm = ChestXray14DataModule(source="nih", root=str(root), image_size=16, cache_dir=str(tmp_path / "cache"), augment=False)
+    dm = NIHDataModule(root=str(root), image_size=16, cache_dir=str(tmp_path / "cache"), augment=False)
     dm.setup("fit")
     dm.setup("test")
     report = dm.data_report()

@@ -19,7 +19,7 @@ from conftest import ROOT, TINY_DATA, TINY_EVAL, compose_config, eval_cfg
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
-from causal_ie.data.datamodule import ChestXray14DataModule
+from causal_ie.data.sources import SyntheticDataModule
 from causal_ie.explain.explainers import LatentCE, PatchCE
 from causal_ie.explain.metrics import DeletionInsertion
 from causal_ie.interventions import InterventionSpec, causal_effect, latent_effect
@@ -231,9 +231,9 @@ def test_counterfactual_command_device():
 # ---------------------------------------------------------------- the autoencoder fitted in on_test_start
 
 
-def _datamodule(**extra) -> ChestXray14DataModule:
+def _datamodule(**extra) -> SyntheticDataModule:
     synthetic = {"num_train": 32, "num_val": 16, "num_test": 16}
-    return ChestXray14DataModule(source="synthetic", image_size=32, batch_size=8, augment=False, seed=0,
+    return SyntheticDataModule(image_size=32, batch_size=8, augment=False, seed=0,
                                  synthetic=synthetic, **extra)
 
 

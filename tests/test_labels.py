@@ -130,9 +130,9 @@ def test_a_checkpoint_records_its_label_space(tmp_path):
 
 
 def test_the_datamodule_serves_the_models_labels():
-    from causal_ie.data import ChestXray14DataModule
+    from causal_ie.data.sources import SyntheticDataModule
 
-    dm = ChestXray14DataModule(image_size=32, synthetic={"num_train": 4, "num_val": 2, "num_test": 3}, augment=False)
+    dm = SyntheticDataModule(image_size=32, synthetic={"num_train": 4, "num_val": 2, "num_test": 3}, augment=False)
     raw = dm.dataset("test")[0]
     alignment = dm.align_labels(XRV18)
     assert dm.findings == XRV18.names
@@ -145,5 +145,5 @@ def test_the_datamodule_serves_the_models_labels():
     assert torch.equal(item["image"], raw["image"])
     assert dm.label_matrix("test").shape == (3, 18)
     assert alignment.model_only == ("Lung Lesion", "Fracture", "Lung Opacity", "Enlarged Cardiomediastinum")
-    with pytest.raises(ValueError, match=r"the model's labels \(mine: Fracture\) share none with data.source='synthetic'"):
+    with pytest.raises(ValueError, match=r"the model's labels \(mine: Fracture\) share none with data=synthetic"):
         dm.align_labels(LabelSpace(("Fracture",), "mine"))

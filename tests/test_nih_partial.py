@@ -18,9 +18,9 @@ from hydra.core.global_hydra import GlobalHydra
 from nih_fixtures import V2020_NAME, expected_pixels, make_partial_nih_root
 
 from causal_ie.data import DataError
-from causal_ie.data.datamodule import ChestXray14DataModule
 from causal_ie.data.findings import FINDINGS
 from causal_ie.data.images import resize_uint8
+from causal_ie.data.sources import NIHDataModule
 from conftest import compose_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -44,10 +44,10 @@ def partial(tmp_path_factory):
     return make_partial_nih_root(tmp_path_factory.mktemp("partial"))
 
 
-def datamodule(root, cache, **kwargs) -> ChestXray14DataModule:
-    settings = dict(source="nih", root=str(root), image_size=64, batch_size=4, cache_dir=str(cache), augment=False,
+def datamodule(root, cache, **kwargs) -> NIHDataModule:
+    settings = dict(root=str(root), image_size=64, batch_size=4, cache_dir=str(cache), augment=False,
                     on_error="skip", val_fraction=0.25)
-    return ChestXray14DataModule(**(settings | kwargs))
+    return NIHDataModule(**(settings | kwargs))
 
 
 def test_partial_download_splits_counts_pixels_and_boxes(partial, tmp_path, caplog):

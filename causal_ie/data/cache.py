@@ -21,7 +21,7 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import NamedTuple
@@ -40,6 +40,8 @@ log = logging.getLogger(__name__)
 # 2: the sidecar records each file's (width, height) before resizing ("sizes").
 CACHE_VERSION = 2
 
+Decoder = Callable[[Path], np.ndarray]  # one file -> uint8 [H, W] at its stored size
+
 
 class CachedImages(NamedTuple):
     """What :func:`build_cache` returns."""
@@ -49,9 +51,10 @@ class CachedImages(NamedTuple):
     sizes: np.ndarray  # int64 [N, 2]: (width, height) of each file before resizing; 0 where invalid
 
 
-def cache_key(paths: Sequence[str | Path], size: int, version: int = CACHE_VERSION) -> str:
-    """The cache key of an ordered file list at ``size``: a hash of names, size and file sizes."""
-    h = hashlib.sha256(f"causal_ie-cache-v{int(version)}|size={int(size)}".encode())
+def cache_key(paths: Sequence[str | Path], size: int, version: int = CACHE_VERSION, decoder: str = "") -> str:
+    """The cache key of an ordered file list at ``size``: a hash of names, size and file sizes
+    (and of the decoder's name, when another than the default decodes the files)."""
+    h = hashlib.sha256(f"causal_ie-cache-v{int(version)}|size={int(size)}{'|' + decoder if decoder else ''}".encode())
     for p in paths:
         p = Path(p)
         try:
@@ -69,6 +72,7 @@ def build_cache(
     problems: ProblemLog,
     *,
     num_threads: int | None = None,
+    decode: Decoder | None = None,
 ) -> CachedImages:
     """Decode and resize every file of ``paths`` once; return (images, valid, sizes).
 
@@ -80,6 +84,10 @@ def build_cache(
     reported to ``problems`` as "unreadable image": with ``on_error="raise"``
     the first one raises DataError and no cache is kept. A second call with
     the same files and size reads the existing cache without decoding anything.
+
+    ``decode`` reads one file as a uint8 [H, W] array at its stored size (default
+    :func:`~causal_ie.data.images.load_grayscale`), raising DataError for a bad file; its
+    ``__name__`` is part of the cache key.
     """
     paths = [Path(p) for p in paths]
     size = int(size)
@@ -88,11 +96,12 @@ def build_cache(
     if not paths:
         return CachedImages(np.zeros((0, size, size), np.uint8), np.zeros(0, bool), np.zeros((0, 2), np.int64))
     cache_dir = Path(cache_dir)
-    key = cache_key(paths, size)
+    decoder = "" if decode is None else f"{decode.__module__}.{getattr(decode, '__qualname__', type(decode).__name__)}"
+    key = cache_key(paths, size, decoder=decoder)
     data_file, meta_file = cache_dir / f"{key}.u8", cache_dir / f"{key}.json"
 
     cached = _open_existing(data_file, meta_file, len(paths), size)
-    if cached is None:
+    if cached is None and decode is None:  # version 1 caches were all decoded by load_grayscale
         cached = _upgrade_v1(paths, size, cache_dir, data_file, meta_file)
     if cached is not None:
         log.info("reusing image cache %s (%d images at %dpx)", data_file, len(paths), size)
@@ -102,7 +111,7 @@ def build_cache(
             problems.report("unreadable image", str(paths[i]), cached.reasons.get(paths[i].name, "recorded in the image cache"))
         return CachedImages(cached.images, cached.valid, cached.sizes)
     _create_cache_dir(cache_dir)
-    _write_cache(paths, size, data_file, meta_file, problems, num_threads)  # reports bad files as it meets them
+    _write_cache(paths, size, data_file, meta_file, problems, num_threads, decode or load_grayscale)  # reports bad files as it meets them
     cached = _open_existing(data_file, meta_file, len(paths), size)
     if cached is None:  # pragma: no cover - only if another process deletes it meanwhile
         raise DataError(f"image cache {data_file} vanished right after it was written")
@@ -198,11 +207,11 @@ def _upgrade_v1(paths: list[Path], size: int, cache_dir: Path, data_file: Path, 
     return _open_existing(data_file, meta_file, len(paths), size)
 
 
-def _decode(path: Path, size: int) -> tuple[np.ndarray | None, tuple[int, int], str]:
+def _decode(path: Path, size: int, decode: Decoder) -> tuple[np.ndarray | None, tuple[int, int], str]:
     """Decode + resize one file in a worker thread: (image, (width, height) of the file, reason).
     Failures come back as a reason, not an exception."""
     try:
-        img = load_grayscale(path)
+        img = decode(path)
     except DataError as exc:
         # load_grayscale's message starts with "unreadable image <path>: "; keep the reason only.
         return None, (0, 0), str(exc).removeprefix(f"unreadable image {path}: ")
@@ -210,7 +219,8 @@ def _decode(path: Path, size: int) -> tuple[np.ndarray | None, tuple[int, int], 
 
 
 def _write_cache(
-    paths: list[Path], size: int, data_file: Path, meta_file: Path, problems: ProblemLog, num_threads: int | None
+    paths: list[Path], size: int, data_file: Path, meta_file: Path, problems: ProblemLog, num_threads: int | None,
+    decode: Decoder,
 ) -> None:
     n = len(paths)
     tmp_data = data_file.with_name(f"{data_file.name}.tmp{os.getpid()}")
@@ -237,7 +247,7 @@ def _write_cache(
             task = progress.add_task("cache", total=n)
             for start in range(0, n, chunk):
                 batch = paths[start : start + chunk]
-                for offset, (img, file_size, reason) in enumerate(pool.map(_decode, batch, [size] * len(batch))):
+                for offset, (img, file_size, reason) in enumerate(pool.map(_decode, batch, [size] * len(batch), [decode] * len(batch))):
                     i = start + offset
                     sizes[i] = file_size
                     if img is None:

@@ -10,8 +10,8 @@ from causal_ie.labels import LabelAlignment
 
 
 class RelabelledDataset(Dataset):
-    """``dataset``'s items with ``labels`` [D] and ``boxes`` [D, 4] in the model's order
-    ([M], [M, 4]): NaN labels and boxes for the outputs the data does not annotate, and the
+    """``dataset``'s items with ``labels`` [D], ``boxes`` [D, 4] and ``masks`` [D, H, W] in the
+    model's order ([M], [M, 4], [M, H, W]): NaN labels and boxes for the outputs the data does not annotate, and the
     data's labels the model lacks dropped (``alignment.data_only``)."""
 
     def __init__(self, dataset: Dataset, alignment: LabelAlignment):
@@ -26,4 +26,6 @@ class RelabelledDataset(Dataset):
         item["labels"], item["boxes"] = self.alignment.relabel(item["labels"], item.get("boxes"))
         if item["boxes"] is None:
             del item["boxes"]
+        if "masks" in item:
+            item["masks"] = self.alignment.relabel_masks(item["masks"])
         return item

@@ -39,12 +39,20 @@ from causal_ie.rows import Rows, patient_codes
 log = logging.getLogger(__name__)
 
 
+def ground_truth(batch: dict) -> torch.Tensor:
+    """The batch's lesion ground truth: ``masks`` [B, K, H, W] where the source has pixels
+    (VinDr-CXR's readers, segmentations), else ``boxes`` [B, K, 4]."""
+    return batch["masks"] if "masks" in batch else batch["boxes"]
+
+
 def box_pairs(
-    labels: torch.Tensor, boxes: torch.Tensor, predicted: torch.Tensor | None = None
+    labels: torch.Tensor, truth: torch.Tensor, predicted: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(image index, finding index) of every present finding that has a box (and that the
-    classifier predicts: ``predicted`` [K] bool)."""
-    keep = (labels > 0.5) & ~torch.isnan(boxes).any(dim=-1)
+    """(image index, finding index) of every present finding that has ground truth, a box
+    (``truth`` [B, K, 4], NaN: none) or a non-empty mask ([B, K, H, W]), and that the classifier
+    predicts (``predicted`` [K] bool)."""
+    has = truth.flatten(2).any(dim=-1) if truth.ndim == 4 else ~torch.isnan(truth).any(dim=-1)
+    keep = (labels > 0.5) & has
     if predicted is not None:
         keep &= predicted.to(keep.device)
     return torch.nonzero(keep, as_tuple=True)
@@ -312,7 +320,7 @@ class CEEvaluation(L.LightningModule):
             return  # seen before the run was stopped: its contribution is in the restored state
         if "padding" in batch:
             return  # the placeholder of a process with no test images (EmptyShard)
-        images, labels, boxes = batch["image"], batch["labels"], batch["boxes"]
+        images, labels, truth = batch["image"], batch["labels"], ground_truth(batch)
         # measurements are float32 under *-mixed too (causal_ie.precision); CE maps: the explainers
         with torch.no_grad(), full_precision(self.device):
             logits = self.classifier(images)
@@ -323,7 +331,7 @@ class CEEvaluation(L.LightningModule):
         self._images_seen += images.shape[0]
         patients = patient_codes(batch, images.device)
         self.image_rows.update(torch.cat([patients[:, None], probs.nan_to_num(0.0).double(), known.double()], 1))
-        img_idx, finding_idx = box_pairs(labels, boxes, self.predicted)
+        img_idx, finding_idx = box_pairs(labels, truth, self.predicted)
         # the attack study needs every finding's clean CE map; the box pairs are a selection of them
         clean_maps = {}
         if self.attack is not None:
@@ -332,7 +340,7 @@ class CEEvaluation(L.LightningModule):
         if img_idx.numel() == 0:
             return
         self._pairs_seen += img_idx.numel()
-        pair_boxes = boxes[img_idx, finding_idx]
+        pair_boxes = truth[img_idx, finding_idx]  # boxes [P, 4] or masks [P, H, W]: the metrics take both
         maps = {}
         per_pair = [patients[img_idx]]
         for name, explainer in self.explainers.items():

@@ -45,25 +45,26 @@ RECONSTRUCTION: Tree = {
 }
 
 DATA_REPORT: Tree = {
-    "source": Key(str, "the data source: synthetic, nih or chestmnist"),
+    "source": Key(str, "the data source (data=): synthetic, nih, chestmnist or vindr"),
     "root": Key(str, "data.root, the folder read"),
-    "metadata_file": Key(str, "NIH: the metadata CSV read"),
+    "metadata_file": Key(str, "NIH, VinDr-CXR: the metadata (annotation) CSV read"),
     "image_folders": Key(list, "NIH: the image folders found (images/, images_001/images/, ...)"),
     "on_error": Key(str, "data.on_error: raise, or skip (and count) bad data"),
-    "split": Key(str, "NIH: official lists, or patient-wise by seed"),
-    "boxes_only": Key(list, "splits restricted to images with a radiologist box"),
-    "images_listed": Key(int, "NIH: images the metadata lists"),
-    "images_found": Key(int, "NIH: listed images present on disk"),
-    "images_readable": Key(int, "NIH: present images that decoded"),
-    "images_used": Key(int, "NIH: images in the splits"),
-    "images_skipped": Key(int, "NIH: listed images not used (listed - readable)"),
+    "split": Key(str, "NIH: official lists, or patient-wise by seed; VinDr-CXR: image-wise by seed (no patient ids)"),
+    "boxes_only": Key(list, "splits restricted to images with radiologist ground truth (data.test_boxes_only)"),
+    "readers": Key(str, "VinDr-CXR: data.readers, how its 3 readers' boxes combine into a mask (any, majority)"),
+    "images_listed": Key(int, "NIH, VinDr-CXR: images the metadata lists"),
+    "images_found": Key(int, "NIH, VinDr-CXR: listed images present on disk"),
+    "images_readable": Key(int, "NIH, VinDr-CXR: present images that decoded"),
+    "images_used": Key(int, "NIH, VinDr-CXR: images in the splits"),
+    "images_skipped": Key(int, "NIH, VinDr-CXR: listed images not used (listed - readable)"),
     "skipped": {"<reason>": Key(int, "images skipped for this reason (missing image, unreadable image, unknown label, ...)")},
     "skipped_examples": {"<reason>": Key(list, "the first few file names skipped for this reason")},
     "splits": {
         "<split>": {
             "images": Key(int, "images in the split (train, val, test)"),
-            "patients": Key(int, "NIH: patients in the split"),
-            "with_boxes": Key(int, "NIH: images of the split with a radiologist box"),
+            "patients": Key(int, "NIH, VinDr-CXR: patients in the split (VinDr: images)"),
+            "with_boxes": Key(int, "NIH, VinDr-CXR: images of the split with a radiologist box"),
             "images_before_subset": Key(int, "test: images before data.test_subset cut them"),
         }
     },

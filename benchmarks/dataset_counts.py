@@ -1,0 +1,74 @@
+"""Counts of the radiologists' ground truth as read from the real metadata torchxrayvision ships
+(its package data/ folder), for the README's data-set sections.
+
+    python benchmarks/dataset_counts.py
+
+VinDr-CXR (``vinbigdata-train.csv.gz``, the Kaggle training set): images, readers, annotation
+rows, and per label the boxes and the images with at least one box (any reader) and with a box
+of at least 2 readers (``data.readers=majority`` can only mark those). Written to
+benchmarks/results/dataset_counts.json and .md (atomically).
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from causal_ie.io import atomic_write_text  # noqa: E402
+from causal_ie.outputs.tables import markdown_table  # noqa: E402
+
+
+def xrv_file(name: str) -> str:
+    import torchxrayvision as xrv
+
+    return os.path.join(os.path.dirname(xrv.__file__), "data", name)
+
+
+def vindr_counts() -> dict:
+    with gzip.open(xrv_file("vinbigdata-train.csv.gz"), "rt") as f:
+        rows = pd.read_csv(f)
+    boxes = rows[rows["class_name"] != "No finding"]
+    readers = boxes.groupby(["class_name", "image_id"])["rad_id"].nunique()
+    per_label = {}
+    for name, of_label in boxes.groupby("class_name"):
+        per_label[name] = {
+            "boxes": int(len(of_label)),
+            "images": int(of_label["image_id"].nunique()),
+            "images_2_readers": int((readers.loc[name] >= 2).sum()),
+        }
+    return {
+        "file": "vinbigdata-train.csv.gz",
+        "rows": int(len(rows)),
+        "images": int(rows["image_id"].nunique()),
+        "images_no_finding_only": int(rows.groupby("image_id")["class_name"].agg(lambda c: (c == "No finding").all()).sum()),
+        "readers": int(rows["rad_id"].nunique()),
+        "readers_per_image": {str(k): int(v) for k, v in rows.groupby("image_id")["rad_id"].nunique().value_counts().items()},
+        "boxes": int(len(boxes)),
+        "per_label": dict(sorted(per_label.items(), key=lambda kv: -kv[1]["boxes"])),
+    }
+
+
+def main() -> None:
+    counts = {"vindr": vindr_counts()}
+    out = ROOT / "benchmarks" / "results"
+    atomic_write_text(out / "dataset_counts.json", json.dumps(counts, indent=2) + "\n")
+    v = counts["vindr"]
+    table = markdown_table(["label", "boxes", "images with a box", "images with boxes of >= 2 readers"],
+                           [[k, c["boxes"], c["images"], c["images_2_readers"]] for k, c in v["per_label"].items()])
+    md = (f"# Ground truth in the real metadata torchxrayvision ships\n\n## VinDr-CXR ({v['file']})\n\n"
+          f"{v['rows']} rows, {v['images']} images ({v['images_no_finding_only']} with only 'No finding'), "
+          f"{v['readers']} readers, readers per image {v['readers_per_image']}, {v['boxes']} boxes.\n\n{table}\n")
+    atomic_write_text(out / "dataset_counts.md", md)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
