@@ -5,7 +5,8 @@
 
 VinDr-CXR (``vinbigdata-train.csv.gz``, the Kaggle training set): images, readers, annotation
 rows, and per label the boxes and the images with at least one box (any reader) and with a box
-of at least 2 readers (``data.readers=majority`` can only mark those). Written to
+of at least 2 readers (``data.readers=majority`` can only mark those). SIIM-ACR
+(``siim-pneumothorax-train-rle.csv.gz``): rows, images, images with a mask, components. Written to
 benchmarks/results/dataset_counts.json and .md (atomically).
 """
 
@@ -56,8 +57,23 @@ def vindr_counts() -> dict:
     }
 
 
+def siim_counts() -> dict:
+    with gzip.open(xrv_file("siim-pneumothorax-train-rle.csv.gz"), "rt") as f:
+        rows = pd.read_csv(f, dtype=str)
+    positive = rows[rows[" EncodedPixels"].str.strip() != "-1"]
+    per_image = positive.groupby("ImageId").size()
+    return {
+        "file": "siim-pneumothorax-train-rle.csv.gz",
+        "rows": int(len(rows)),
+        "images": int(rows["ImageId"].nunique()),
+        "images_with_pneumothorax": int(per_image.size),
+        "components": int(len(positive)),
+        "images_by_components": {str(k): int(v) for k, v in per_image.value_counts().sort_index().items()},
+    }
+
+
 def main() -> None:
-    counts = {"vindr": vindr_counts()}
+    counts = {"vindr": vindr_counts(), "siim": siim_counts()}
     out = ROOT / "benchmarks" / "results"
     atomic_write_text(out / "dataset_counts.json", json.dumps(counts, indent=2) + "\n")
     v = counts["vindr"]
@@ -66,6 +82,10 @@ def main() -> None:
     md = (f"# Ground truth in the real metadata torchxrayvision ships\n\n## VinDr-CXR ({v['file']})\n\n"
           f"{v['rows']} rows, {v['images']} images ({v['images_no_finding_only']} with only 'No finding'), "
           f"{v['readers']} readers, readers per image {v['readers_per_image']}, {v['boxes']} boxes.\n\n{table}\n")
+    s = counts["siim"]
+    md += (f"\n## SIIM-ACR Pneumothorax ({s['file']})\n\n{s['rows']} rows, {s['images']} images, "
+           f"{s['images_with_pneumothorax']} with a pneumothorax mask of {s['components']} components in all; "
+           f"images by number of components {s['images_by_components']}.\n")
     atomic_write_text(out / "dataset_counts.md", md)
     print(md)
 

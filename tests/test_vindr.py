@@ -39,7 +39,7 @@ def datamodule(root, tmp_path, **kw):
 
 def item_of(dm, image_id):
     ds = dm.dataset("train")
-    return ds[ds.ids.index(image_id)]
+    return ds[ds.ids.index(image_id)]  # every image is in train (val and test fractions 0)
 
 
 def test_labels_are_read_from_class_name(tmp_path, rows):

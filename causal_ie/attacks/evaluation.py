@@ -21,7 +21,6 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torchmetrics.classification import MultilabelAUROC
 
 from causal_ie import validators
 from causal_ie.attacks.ce_under_attack import ce_under_attack, map_columns
@@ -34,6 +33,7 @@ from causal_ie.explain.explainers import Explainer, select_maps
 from causal_ie.models.findings import finding_aurocs
 from causal_ie.precision import autocast, current_search_dtype, full_precision
 from causal_ie.rows import patient_codes
+from causal_ie.models.auroc import label_auroc
 
 class AttackEvaluation(nn.Module):
     """The attack study: attack, CE under attack, detection, and (with ``attack.adaptive``) the
@@ -99,7 +99,7 @@ class AttackEvaluation(nn.Module):
         self.reference_images = validators.count("detection.reference_images", reference_images, 0)
         self.top_fraction = validators.number("detection.top_fraction", top_fraction, 0.0, 1.0, low_open=True)
         self.n_examples = validators.count("detection.examples", examples, 0)
-        self.auroc_adv = MultilabelAUROC(num_labels=len(self.findings), average=None)
+        self.auroc_adv = label_auroc(len(self.findings))
         self.records = RecordCollector()
         self.examples: list[dict[str, Any]] = []
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 
 import numpy as np
+import pandas as pd
 import torch
 from torch import Tensor
 
@@ -112,3 +113,54 @@ def combine_readers(masks: Sequence[Tensor], rule: str = "any") -> Tensor:
         raise ValueError("combine_readers needs at least one reader's mask")
     votes = torch.stack([m.bool() for m in masks]).sum(dim=0)
     return votes >= (1 if rule == "any" else 2)
+
+
+def mask_boxes(masks: Tensor) -> Tensor:
+    """float32 [K, 4]: the bounding box (x, y, w, h in pixels) of each mask [K, H, W]; NaN where
+    a mask is empty. What box-only code (figures, counterfactual targets) draws."""
+    out = torch.full((masks.shape[0], 4), float("nan"))
+    for k in range(masks.shape[0]):
+        ys, xs = torch.nonzero(masks[k], as_tuple=True)
+        if ys.numel():
+            x0, y0 = int(xs.min()), int(ys.min())
+            out[k] = torch.tensor([x0, y0, int(xs.max()) + 1 - x0, int(ys.max()) + 1 - y0], dtype=torch.float32)
+    return out
+
+
+class ReaderBoxes:
+    """Boxes of one split's items as per-label masks, drawn on demand (14 masks per image would
+    not fit a cache; the boxes are the masks' exact description).
+
+    Args:
+        boxes: one row per box: ``item`` (index into the split), ``label`` (index into the K
+            labels), ``reader`` and ``x_min, y_min, x_max, y_max`` in the stored image's pixels.
+        stored_sizes: [n, 2] (columns, rows) of each item's file.
+        num_labels: K.
+        rule: how the readers' masks combine (:func:`combine_readers`); one reader: either.
+    """
+
+    def __init__(self, boxes: pd.DataFrame, stored_sizes: np.ndarray, num_labels: int, rule: str = "any"):
+        validators.choice("data.readers", rule, READER_RULES)
+        self.stored_sizes = np.asarray(stored_sizes, dtype=np.int64)
+        self.num_labels, self.rule = int(num_labels), rule
+        self._of_item = {int(item): group for item, group in boxes.groupby("item")}
+
+    def has(self) -> np.ndarray:
+        has = np.zeros(len(self.stored_sizes), dtype=bool)
+        has[list(self._of_item)] = True
+        return has
+
+    def masks(self, i: int, size: int) -> Tensor:
+        out = torch.zeros((self.num_labels, size, size), dtype=torch.bool)
+        group = self._of_item.get(int(i))
+        if group is None:
+            return out
+        cols, rows = (int(v) for v in self.stored_sizes[i])
+        for label, of_label in group.groupby("label"):
+            per_reader = []
+            for _, of_reader in of_label.groupby("reader"):
+                drawn = [box_mask(b, (rows, cols), (size, size), corners=True)
+                         for b in of_reader[["x_min", "y_min", "x_max", "y_max"]].to_numpy(np.float64)]
+                per_reader.append(torch.stack(drawn).any(0))
+            out[int(label)] = combine_readers(per_reader, self.rule)
+        return out

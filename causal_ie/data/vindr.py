@@ -22,17 +22,13 @@ marked). VinDr publishes no patient ids: each image is its own patient in the sp
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
-import torch
-from torch.utils.data import Dataset
 
 from causal_ie.data.errors import DataError, ProblemLog
-from causal_ie.data.ground_truth import READER_RULES, box_mask, combine_readers
 from causal_ie.labels import LabelSpace
 
 log = logging.getLogger(__name__)
@@ -94,98 +90,6 @@ def label_space(reader: Any) -> LabelSpace:
     ``Pleural thickening``)."""
     aliases = {syn: name for name, syns in reader.mapping.items() for syn in syns}
     return LabelSpace(tuple(reader.pathologies), "vindr", aliases, {"Nodule/Mass": ("Nodule", "Mass")})
-
-
-class VinDrDataset(Dataset):
-    """VinDr-CXR images with labels and per-label masks drawn from the readers' boxes.
-
-    Args:
-        images: uint8 [M, S, S] cached images.
-        rows: [N] row of ``images`` holding item i.
-        labels: [N, K] 0/1 in ``labels_space`` order.
-        ids: N image ids.
-        stored_sizes: [N, 2] (columns, rows) of each DICOM, the pixels its boxes are in.
-        boxes: the annotation rows with a box, columns ``item`` (index into the N items),
-            ``label`` (index into K), ``reader`` and ``x_min, y_min, x_max, y_max``.
-        readers: ``any`` or ``majority`` (:func:`~causal_ie.data.ground_truth.combine_readers`).
-
-    An item is ``{"image": float32 [1, S, S] in [0, 1], "labels": float32 [K], "masks": bool
-    [K, S, S], "boxes": float32 [K, 4] (the masks' bounding boxes, x, y, w, h; NaN where a
-    label has no mask), "id", "patient_id"}``.
-    """
-
-    def __init__(
-        self,
-        images: np.ndarray,
-        rows: np.ndarray,
-        labels: np.ndarray,
-        ids: Sequence[str],
-        stored_sizes: np.ndarray,
-        boxes: pd.DataFrame,
-        readers: str = "any",
-    ):
-        if readers not in READER_RULES:
-            raise ValueError(f"data.readers={readers!r}: expected one of {', '.join(READER_RULES)}")
-        n = len(ids)
-        self.images, self.rows = images, np.asarray(rows, dtype=np.int64)
-        self.labels = np.asarray(labels, dtype=np.float32)
-        if self.labels.shape[0] != n or self.rows.shape != (n,) or np.asarray(stored_sizes).shape != (n, 2):
-            raise ValueError(f"VinDrDataset: {n} ids need {n} rows, label rows and stored sizes")
-        self.ids = [str(i) for i in ids]
-        self.patient_ids = self.ids  # VinDr publishes no patient ids
-        self.stored_sizes = np.asarray(stored_sizes, dtype=np.int64)
-        self.readers = readers
-        self.image_size = int(images.shape[1])
-        self._boxes = {item: group for item, group in boxes.groupby("item")}
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def masks(self, i: int) -> torch.Tensor:
-        """bool [K, S, S]: each label's ground truth on item ``i``, readers combined."""
-        size = (self.image_size, self.image_size)
-        out = torch.zeros((self.labels.shape[1], *size), dtype=torch.bool)
-        group = self._boxes.get(i)
-        if group is None:
-            return out
-        cols, rows = self.stored_sizes[i]
-        for label, of_label in group.groupby("label"):
-            per_reader = []
-            for _, of_reader in of_label.groupby("reader"):
-                drawn = [box_mask(b, (int(rows), int(cols)), size, corners=True)
-                         for b in of_reader[["x_min", "y_min", "x_max", "y_max"]].to_numpy(np.float64)]
-                per_reader.append(torch.stack(drawn).any(0))
-            out[int(label)] = combine_readers(per_reader, self.readers)
-        return out
-
-    def has_ground_truth(self) -> np.ndarray:
-        """bool [N]: items with at least one box (under ``any``; ``majority`` may leave fewer)."""
-        has = np.zeros(len(self), dtype=bool)
-        has[list(self._boxes)] = True
-        return has
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        masks = self.masks(i)
-        return {
-            "image": torch.from_numpy(np.asarray(self.images[self.rows[i]], dtype=np.float32) / 255.0)[None],
-            "labels": torch.from_numpy(self.labels[i].copy()),
-            "masks": masks,
-            "boxes": mask_boxes(masks),
-            "id": self.ids[i],
-            "patient_id": self.patient_ids[i],
-        }
-
-
-def mask_boxes(masks: torch.Tensor) -> torch.Tensor:
-    """float32 [K, 4]: the bounding box (x, y, w, h in pixels) of each mask [K, H, W]; NaN where
-    a mask is empty. What box-only code (figures, counterfactual targets) draws."""
-    out = torch.full((masks.shape[0], 4), float("nan"))
-    for k in range(masks.shape[0]):
-        ys, xs = torch.nonzero(masks[k], as_tuple=True)
-        if ys.numel():
-            x0, y0 = int(xs.min()), int(ys.min())
-            out[k] = torch.tensor([x0, y0, int(xs.max()) + 1 - x0, int(ys.max()) + 1 - y0], dtype=torch.float32)
-    return out
 
 
 def box_rows(annotations: pd.DataFrame, space: LabelSpace, item_of: dict[str, int],

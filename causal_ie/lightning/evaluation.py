@@ -10,7 +10,6 @@ from typing import Any
 import lightning as L
 import torch
 from torch import Tensor, nn
-from torchmetrics.classification import MultilabelAUROC
 
 from causal_ie import validators
 from causal_ie.attacks.evaluation import AttackEvaluation
@@ -35,6 +34,7 @@ from causal_ie.models import Classifier
 from causal_ie.models.findings import finding_aurocs, predicted_mask
 from causal_ie.precision import full_precision
 from causal_ie.rows import Rows, patient_codes
+from causal_ie.models.auroc import label_auroc
 
 log = logging.getLogger(__name__)
 
@@ -182,7 +182,7 @@ class CEEvaluation(L.LightningModule):
         self.scored = self.predicted & torch.tensor([f not in unlabelled_findings for f in self.findings])
         self.explainers = dict(explainers)
         self.thresholds = tuple(thresholds)
-        self.auroc = MultilabelAUROC(num_labels=len(self.findings), average=None)
+        self.auroc = label_auroc(len(self.findings))
         self.localisation = nn.ModuleDict(
             {name: localisation_metrics(self.thresholds) for name in self.explainers}
         )

@@ -11,11 +11,12 @@ from typing import Any
 import lightning as L
 import torch
 from torch import nn
-from torchmetrics.classification import MultilabelAUROC
+from torchmetrics import Metric
 
 from causal_ie.data.findings import NIH14
 from causal_ie.labels import LabelSpace
 from causal_ie.models.backbone import Normalize, create_backbone
+from causal_ie.models.auroc import label_auroc, per_label
 
 log = logging.getLogger(__name__)
 
@@ -206,8 +207,8 @@ class Classifier(L.LightningModule):
             "pos_weight",
             None if pos_weight is None else torch.tensor(pos_weight, dtype=torch.float32),
         )
-        self.val_auroc = MultilabelAUROC(num_labels=len(findings), average=None)
-        self.test_auroc = MultilabelAUROC(num_labels=len(findings), average=None)
+        self.val_auroc = label_auroc(len(findings))
+        self.test_auroc = label_auroc(len(findings))
         if channels_last:
             # convolutions follow their weight's layout (cuDNN and oneDNN take channels_last when
             # either the input or the weight has it), so the images need no conversion; moving
@@ -259,7 +260,7 @@ class Classifier(L.LightningModule):
         self.log("train/loss", loss, prog_bar=True, batch_size=len(logits))
         return loss
 
-    def _eval_step(self, batch: dict, stage: str, auroc: MultilabelAUROC) -> None:
+    def _eval_step(self, batch: dict, stage: str, auroc: Metric) -> None:
         logits = self(batch["image"])
         loss = self.loss(logits, batch["labels"])
         # float32 probabilities: under *-mixed a half-precision sigmoid rounds them to ~2e-3 and ties the ranking
@@ -267,8 +268,8 @@ class Classifier(L.LightningModule):
         auroc.update((logits.float() if half else logits).sigmoid(), batch["labels"].long())
         self.log(f"{stage}/loss", loss, prog_bar=True, sync_dist=True, batch_size=len(logits))
 
-    def _log_auroc(self, stage: str, auroc: MultilabelAUROC) -> None:
-        per_finding = auroc.compute()
+    def _log_auroc(self, stage: str, auroc: Metric) -> None:
+        per_finding = per_label(auroc.compute())
         auroc.reset()
         for name, value in zip(self.findings, per_finding):
             self.log(f"{stage}/auroc/{name}", value)

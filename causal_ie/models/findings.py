@@ -22,6 +22,7 @@ def predicted_mask(classifier: nn.Module) -> Tensor:
 def finding_aurocs(per_finding: Tensor, predicted: Tensor) -> tuple[float, list[float]]:
     """(mean over the predicted findings, per finding with NaN for the missing ones) of
     per-finding AUROCs that were computed with the missing findings' scores filled in."""
-    values = per_finding.detach().cpu().masked_fill(~predicted.cpu(), float("nan"))
+    # reshape: a one-label AUROC comes back from torchmetrics as a scalar
+    values = per_finding.detach().cpu().reshape(-1).masked_fill(~predicted.cpu(), float("nan"))
     mean = float(values.nanmean()) if bool(predicted.any()) else float("nan")
     return mean, values.tolist()

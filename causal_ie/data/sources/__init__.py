@@ -1,20 +1,22 @@
 """Data sources: one datamodule per data set, each the ``_target_`` of a ``conf/data/`` file.
 
 ``synthetic`` (SyntheticCXR, generated, no download), ``nih`` (ChestX-ray14 as the NIH
-download unpacks), ``chestmnist`` (MedMNIST's npz files) and ``vindr`` (VinDr-CXR's DICOMs
-through torchxrayvision's reader, ground truth as per-label masks). Each module is imported on
+download unpacks), ``chestmnist`` (MedMNIST's npz files), ``vindr`` (VinDr-CXR's DICOMs and its readers'
+boxes) and ``siim`` (SIIM-ACR's DICOMs and run-length segmentations); the DICOM sets share
+:mod:`causal_ie.data.sources.files` and serve their ground truth as per-label masks. Each module is imported on
 use, so a source's readers (pydicom, torchxrayvision) load only when it is chosen.
 """
 
 from __future__ import annotations
 
-__all__ = ["SyntheticDataModule", "NIHDataModule", "ChestMNISTDataModule", "VinDrDataModule"]
+__all__ = ["SyntheticDataModule", "NIHDataModule", "ChestMNISTDataModule", "VinDrDataModule", "SIIMDataModule"]
 
 _MODULES = {
     "SyntheticDataModule": "synthetic",
     "NIHDataModule": "nih",
     "ChestMNISTDataModule": "chestmnist",
     "VinDrDataModule": "vindr",
+    "SIIMDataModule": "siim",
 }
 
 
