@@ -61,3 +61,17 @@ def write_dicom(
     ds.PixelData = stored.astype("<i2" if signed else "<u2").tobytes()
     pydicom.dcmwrite(path, ds, enforce_file_format=True)
     return path
+
+
+def source_datamodule(cls, root, tmp_path, **kw):
+    """A DICOM data source's datamodule over a fixture folder: 64 px, no augmentation, every
+    image in train (val and test fractions 0) unless ``kw`` says otherwise."""
+    settings = dict(root=str(root), image_size=64, batch_size=4, augment=False, cache_dir=str(tmp_path / "cache"),
+                    val_fraction=0.0, test_fraction=0.0)
+    return cls(**(settings | kw))
+
+
+def train_item(dm, image_id):
+    """The training item of ``image_id``."""
+    ds = dm.dataset("train")
+    return ds[ds.ids.index(image_id)]

@@ -9,6 +9,7 @@ import json
 import pytest
 import torch
 from conftest import compose_config
+from dicom_fixtures import source_datamodule, train_item
 from hydra.core.global_hydra import GlobalHydra
 
 from causal_ie.data import DataError
@@ -27,14 +28,10 @@ def rows():
 
 
 def datamodule(root, tmp_path, **kw):
-    settings = dict(root=str(root), image_size=64, batch_size=4, augment=False, cache_dir=str(tmp_path / "cache"),
-                    val_fraction=0.0, test_fraction=0.0)
-    return SIIMDataModule(**(settings | kw))
+    return source_datamodule(SIIMDataModule, root, tmp_path, **kw)
 
 
-def item_of(dm, image_id):
-    ds = dm.dataset("train")
-    return ds[ds.ids.index(image_id)]  # every image is in train (val and test fractions 0)
+item_of = train_item
 
 
 def runs(encoding: str) -> set[int]:

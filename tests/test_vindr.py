@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import compose_config
+from dicom_fixtures import source_datamodule, train_item
 from hydra.core.global_hydra import GlobalHydra
 
 from causal_ie.data import NIH14, DataError
@@ -32,14 +33,10 @@ def rows():
 
 
 def datamodule(root, tmp_path, **kw):
-    settings = dict(root=str(root), image_size=64, batch_size=4, augment=False, cache_dir=str(tmp_path / "cache"),
-                    val_fraction=0.0, test_fraction=0.0)
-    return VinDrDataModule(**(settings | kw))
+    return source_datamodule(VinDrDataModule, root, tmp_path, **kw)
 
 
-def item_of(dm, image_id):
-    ds = dm.dataset("train")
-    return ds[ds.ids.index(image_id)]  # every image is in train (val and test fractions 0)
+item_of = train_item
 
 
 def test_labels_are_read_from_class_name(tmp_path, rows):
