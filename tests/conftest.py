@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -113,3 +114,25 @@ def checkpoint(tmp_path_factory) -> Path:
     _, objects = train(cfg)
     GlobalHydra.instance().clear()
     return Path(objects["trainer"].checkpoint_callback.best_model_path)
+
+
+def train_then_evaluate(tmp_path: Path, source: str, root: Path, *data: str) -> tuple[dict, Any]:
+    """train.py (model=tiny, one epoch) then evaluate.py on ``data=source`` at ``root``, 32 px:
+    the saved results.json and the evaluation's datamodule."""
+    import json
+
+    from causal_ie.evaluation import evaluate
+    from causal_ie.training import train
+
+    settings = [f"data={source}", f"data.root={root}", "data.image_size=32", "data.batch_size=4", "data.num_workers=0",
+                "data.pin_memory=false", f"data.cache_dir={tmp_path / 'cache'}", "logger=none", *data]
+    cfg = compose_config("train", ["model=tiny", *settings, "trainer.max_epochs=1", "+trainer.enable_progress_bar=false",
+                                   "~callbacks.model_summary", "~callbacks.progress_bar"], tmp_path / "train")
+    _, objects = train(cfg)
+    GlobalHydra.instance().clear()
+    ckpt = objects["trainer"].checkpoint_callback.best_model_path
+    cfg = compose_config("evaluate", [*settings, f"ckpt_path={ckpt}", "data.test_subset=null", "cams=[gradcam]",
+                                      "latent=null", "evaluation.deletion_steps=4", "~callbacks.progress_bar",
+                                      "+trainer.enable_progress_bar=false"], tmp_path / "eval")
+    _, objs = evaluate(cfg)
+    return json.loads((tmp_path / "eval" / "results.json").read_text()), objs["datamodule"]

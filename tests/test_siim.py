@@ -4,13 +4,11 @@ train.py + evaluate.py end to end with localisation scored on the segmentations.
 
 from __future__ import annotations
 
-import json
 
 import pytest
 import torch
-from conftest import compose_config
+from conftest import train_then_evaluate
 from dicom_fixtures import source_datamodule, train_item
-from hydra.core.global_hydra import GlobalHydra
 
 from causal_ie.data import DataError
 
@@ -91,26 +89,13 @@ def test_missing_dicoms_are_named_or_skipped(tmp_path, rows):
 
 
 def test_train_and_evaluate_on_siim_score_the_segmentations(tmp_path, rows):
-    from causal_ie.evaluation import evaluate
     from causal_ie.outputs.schema import EVALUATION, problems
-    from causal_ie.training import train
 
     root = make_siim_root(tmp_path, pick_images(rows, [1, 1, 2, 1, 3, 1, 2, 1, 4, 1], 6), rows=rows)
-    data = ["data=siim", f"data.root={root}", "data.image_size=32", "data.batch_size=4", "data.num_workers=0",
-            "data.pin_memory=false", f"data.cache_dir={tmp_path / 'cache'}", "data.test_fraction=0.4", "logger=none"]
-    cfg = compose_config("train", ["model=tiny", *data, "trainer.max_epochs=1", "+trainer.enable_progress_bar=false",
-                                   "~callbacks.model_summary", "~callbacks.progress_bar"], tmp_path / "train")
-    _, objects = train(cfg)
-    GlobalHydra.instance().clear()
-    ckpt = objects["trainer"].checkpoint_callback.best_model_path
-    cfg = compose_config("evaluate", [*data, f"ckpt_path={ckpt}", "data.test_subset=null", "cams=[gradcam]",
-                                      "latent=null", "evaluation.deletion_steps=4", "~callbacks.progress_bar",
-                                      "+trainer.enable_progress_bar=false"], tmp_path / "eval")
-    _, objs = evaluate(cfg)
-    saved = json.loads((tmp_path / "eval" / "results.json").read_text())
+    saved, datamodule = train_then_evaluate(tmp_path, "siim", root, "data.test_fraction=0.4")
     assert problems(saved, EVALUATION) == []
-    assert saved["run"]["data"]["source"] == "siim" and objs["datamodule"].findings == ("Pneumothorax",)
-    test = objs["datamodule"].dataset("test")
+    assert saved["run"]["data"]["source"] == "siim" and datamodule.findings == ("Pneumothorax",)
+    test = datamodule.dataset("test")
     items = [test[i] for i in range(len(test))]
     expected = sum(int(it["masks"][0].any()) for it in items)
     assert expected == len(items) > 0  # data.test_boxes_only (evaluate.yaml): images with a segmentation

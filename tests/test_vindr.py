@@ -4,14 +4,12 @@ train.py + evaluate.py end to end with localisation scored on the readers' masks
 
 from __future__ import annotations
 
-import json
 
 import numpy as np
 import pytest
 import torch
-from conftest import compose_config
+from conftest import train_then_evaluate
 from dicom_fixtures import source_datamodule, train_item
-from hydra.core.global_hydra import GlobalHydra
 
 from causal_ie.data import NIH14, DataError
 from causal_ie.labels import align
@@ -116,27 +114,14 @@ def test_partial_folder_and_bad_files_are_named(tmp_path, rows):
 def test_train_and_evaluate_on_vindr_score_the_readers_masks(tmp_path, rows):
     """train.py and evaluate.py with data=vindr: the model learns VinDr's 14 labels, and the
     localisation pairs are the test images' present labels with a non-empty mask."""
-    from causal_ie.evaluation import evaluate
     from causal_ie.outputs.schema import EVALUATION, problems
-    from causal_ie.training import train
 
     root = make_vindr_root(tmp_path, pick_images(rows, 14, 2), rows=rows)
-    data = ["data=vindr", f"data.root={root}", "data.image_size=32", "data.batch_size=4", "data.num_workers=0",
-            "data.pin_memory=false", f"data.cache_dir={tmp_path / 'cache'}", "data.test_fraction=0.4", "logger=none"]
-    train_cfg = compose_config("train", ["model=tiny", *data, "trainer.max_epochs=1", "+trainer.enable_progress_bar=false",
-                                         "~callbacks.model_summary", "~callbacks.progress_bar"], tmp_path / "train")
-    _, objects = train(train_cfg)
-    GlobalHydra.instance().clear()
-    ckpt = objects["trainer"].checkpoint_callback.best_model_path
-    cfg = compose_config("evaluate", [*data, f"ckpt_path={ckpt}", "data.test_subset=null", "cams=[gradcam]",
-                                      "latent=null", "evaluation.deletion_steps=4", "~callbacks.progress_bar",
-                                      "+trainer.enable_progress_bar=false"], tmp_path / "eval")
-    results, objs = evaluate(cfg)
-    saved = json.loads((tmp_path / "eval" / "results.json").read_text())
+    saved, datamodule = train_then_evaluate(tmp_path, "vindr", root, "data.test_fraction=0.4")
     assert problems(saved, EVALUATION) == []
     assert saved["run"]["data"]["source"] == "vindr" and saved["run"]["data"]["readers"] == "any"
-    assert set(objs["datamodule"].findings) == set(objs["datamodule"].labels.names)
-    test = objs["datamodule"].dataset("test")
+    assert set(datamodule.findings) == set(datamodule.labels.names)
+    test = datamodule.dataset("test")
     items = [test[i] for i in range(len(test))]
     assert all(int(it["masks"].flatten(1).any(1).sum()) > 0 for it in items)  # data.test_boxes_only (evaluate.yaml)
     expected = sum(int(((it["labels"] > 0.5) & it["masks"].flatten(1).any(1)).sum()) for it in items)
