@@ -3,6 +3,7 @@ one who knows every detector at once (the joint adaptive attacker).
 
     python benchmarks/adaptive_detectors.py --checkpoint outputs/train/.../checkpoints/best.ckpt
     python benchmarks/adaptive_detectors.py --checkpoint ROBUST.ckpt --label adversarially_trained
+    python benchmarks/adaptive_detectors.py --merge adversarially_trained adversarially_trained_ce_only
 
 One evaluate run (``attack=pgd attack.eps=0.008``, every built-in detector including ``lid``)
 gives the non-adaptive scores and the per-image records; the adaptive study then runs twice on
@@ -11,7 +12,9 @@ the classifier's own robust accuracy at eps/2 (the same PGD with half the radius
 shows a detector robust at eps implies a classifier robust at eps/2, the sanity bound for any
 detection claim. Every number carries its 95 % patient-bootstrap interval. Results go to
 benchmarks/results/adaptive_detectors[_<label>].json and .md (written atomically); run outputs
-(results.json, report.md, figures) to --out.
+(results.json, report.md, figures) to --out. ``--merge`` joins the adaptive studies of runs made
+separately (``--against ce`` in one session, ``all`` in another) into the first label's files; it
+refuses runs whose checkpoint, attack or non-adaptive scores differ, since their images would.
 """
 
 from __future__ import annotations
@@ -79,8 +82,12 @@ def robust_accuracy(cfg, study, classifier, dataset, eps: float) -> dict[str, An
 
 
 def table(result: dict[str, Any]) -> list[str]:
-    empty = {"evasion": {}, "success_rate": float("nan")}
-    plain, ce_only, joint = result["non_adaptive"], result.get("adaptive_ce", empty), result["adaptive_all"]
+    # Either adaptive study may be missing (--against runs one of them); its columns then read n/a.
+    empty = {"evasion": {}, "success_rate": float("nan"), "images": "?", "non_adaptive_evasion": {},
+             "evasion_difference": {}}
+    plain, ce_only = result["non_adaptive"], result.get("adaptive_ce", empty)
+    joint = result.get("adaptive_all", empty)
+    adaptive = joint if "adaptive_all" in result else ce_only
     rows = []
     for name, scores in plain.items():
         if not isinstance(scores, dict) or "auroc" not in scores or name == "changed_pairs":
@@ -96,11 +103,13 @@ def table(result: dict[str, Any]) -> list[str]:
                         "evasion CE-only adaptive", "evasion joint adaptive"], rows),
         "",
         f"Non-adaptive: {plain.get('images', '?')} {plain.get('pairs', '?')} pairs. Adaptive: "
-        f"{joint['images']} clean images of unseen patients (success rate CE-only "
+        f"{adaptive['images']} clean images of unseen patients (success rate CE-only "
         f"{ce_only['success_rate']:.3f}, joint {joint['success_rate']:.3f}; pairs scored: "
-        f"{joint.get('ce', {}).get('n_test', '?')} joint). Evasion: share of the attacked images that reached the "
-        "goal below the detector's 5 %-FPR threshold; 'all at once': below every detector's. Non-adaptive "
-        f"evasion, all at once: {result_cell(joint['non_adaptive_evasion'], 'all')}; joint minus non-adaptive: "
+        f"{ce_only.get('ce', {}).get('n_test', 'n/a')} CE-only, {joint.get('ce', {}).get('n_test', 'n/a')} joint). "
+        "Evasion: share of the attacked images that reached the goal below the detector's 5 %-FPR threshold; "
+        "'all at once': below every detector's. Non-adaptive evasion, all at once: "
+        f"{result_cell(adaptive['non_adaptive_evasion'], 'all')}; CE-only minus non-adaptive: "
+        f"{result_cell(ce_only['evasion_difference'], 'all')}; joint minus non-adaptive: "
         f"{result_cell(joint['evasion_difference'], 'all')}.",
         "",
         f"Robust accuracy at eps/2 = {result['robust']['eps']}: {result_cell(result['robust'], 'robust_accuracy')} "
@@ -111,7 +120,9 @@ def table(result: dict[str, Any]) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", type=Path, required=True)
+    parser.add_argument("--checkpoint", type=Path)
+    parser.add_argument("--merge", nargs="+", metavar="LABEL",
+                        help="join these labels' adaptive studies into the first label's files; runs nothing")
     parser.add_argument("--label", default="default", help="names the result files (default model: 'default')")
     parser.add_argument("--test-images", type=int, default=300)
     parser.add_argument("--adaptive-images", type=int, default=200)
@@ -121,6 +132,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "outputs" / "benchmarks" / "adaptive_detectors")
     parser.add_argument("overrides", nargs="*", help="more evaluate.py overrides")
     args = parser.parse_args()
+    if args.merge:
+        return merge(args.merge)
+    if args.checkpoint is None:
+        parser.error("--checkpoint is required unless --merge is given")
     out = args.out / args.label
     cfg = config(args.checkpoint.resolve(), out, args.test_images, args.adaptive_images, args.eps,
                  ["attack.adaptive=false", *args.overrides])
@@ -144,13 +159,39 @@ def main() -> None:
     result["timings"] = timings
     result["machine"] = {"cpus": os.cpu_count(), "threads": torch.get_num_threads(), "python": platform.python_version(),
                          "torch": torch.__version__}
-    stem = "adaptive_detectors" if args.label == "default" else f"adaptive_detectors_{args.label}"
-    atomic_write_text(RESULTS / f"{stem}.json", json.dumps(result, indent=2, default=float))
-    md = [f"# Detectors under non-adaptive and adaptive PGD (eps {args.eps}), {args.label} model", "",
-          f"Checkpoint {args.checkpoint}; {torch.get_num_threads()} threads; times: "
-          + ", ".join(f"{k} {v / 60:.1f} min" for k, v in timings.items()), "", *table(result), ""]
-    atomic_write_text(RESULTS / f"{stem}.md", "\n".join(md))
+    write(result)
+
+
+def stem(label: str) -> str:
+    return "adaptive_detectors" if label == "default" else f"adaptive_detectors_{label}"
+
+
+def write(result: dict[str, Any]) -> None:
+    atomic_write_text(RESULTS / f"{stem(result['label'])}.json", json.dumps(result, indent=2, default=float))
+    md = [f"# Detectors under non-adaptive and adaptive PGD (eps {result['eps']}), {result['label']} model", "",
+          f"Checkpoint {result['checkpoint']}; {result['machine']['threads']} threads; times: "
+          + ", ".join(f"{k} {v / 60:.1f} min" for k, v in result["timings"].items()), "", *table(result), ""]
+    atomic_write_text(RESULTS / f"{stem(result['label'])}.md", "\n".join(md))
     print("\n".join(md))
+
+
+def merge(labels: list[str]) -> None:
+    """Joins the adaptive studies of separate runs on the same model into the first label's files."""
+    paths = [RESULTS / f"{stem(label)}.json" for label in labels]
+    for path in paths:
+        if not path.is_file():
+            raise SystemExit(f"--merge: no results file {path}")
+    merged, *others = [json.loads(path.read_text()) for path in paths]
+    for path, other in zip(paths[1:], others):
+        for key in ("checkpoint", "eps", "attack", "non_adaptive"):
+            if other[key] != merged[key]:
+                raise SystemExit(f"--merge: {path} differs from {paths[0]} in '{key}'; its adaptive study "
+                                 "ran on other images or another model")
+        for key, study in other.items():
+            if key.startswith("adaptive_"):
+                merged[key] = study
+        merged["timings"].update({k: v for k, v in other["timings"].items() if k.startswith("adaptive_")})
+    write(merged)
 
 
 if __name__ == "__main__":
