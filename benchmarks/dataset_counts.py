@@ -6,7 +6,9 @@
 VinDr-CXR (``vinbigdata-train.csv.gz``, the Kaggle training set): images, readers, annotation
 rows, and per label the boxes and the images with at least one box (any reader) and with a box
 of at least 2 readers (``data.readers=majority`` can only mark those). SIIM-ACR
-(``siim-pneumothorax-train-rle.csv.gz``): rows, images, images with a mask, components. Written to
+(``siim-pneumothorax-train-rle.csv.gz``): rows, images, images with a mask, components. RSNA
+Pneumonia (``kaggle_stage_2_train_labels.csv.zip`` and the DICOM headers table): rows, images,
+boxes, images by number of boxes, per view. Written to
 benchmarks/results/dataset_counts.json and .md (atomically).
 """
 
@@ -72,8 +74,29 @@ def siim_counts() -> dict:
     }
 
 
+def rsna_counts() -> dict:
+    rows = pd.read_csv(xrv_file("kaggle_stage_2_train_labels.csv.zip"))
+    views = pd.read_csv(xrv_file("kaggle_stage_2_train_images_dicom_headers.csv.gz"),
+                        index_col="PatientID")["ViewPosition"]
+    boxes = rows[rows["Target"] == 1]
+    images = rows.drop_duplicates("patientId").set_index("patientId")
+    per_view = {}
+    for view, of_view in images.join(views, how="left").groupby("ViewPosition"):
+        per_view[str(view)] = {"images": int(len(of_view)), "with_boxes": int((of_view["Target"] == 1).sum()),
+                               "boxes": int(boxes["patientId"].isin(of_view.index).sum())}
+    return {
+        "file": "kaggle_stage_2_train_labels.csv.zip",
+        "rows": int(len(rows)),
+        "images": int(len(images)),
+        "images_with_boxes": int(boxes["patientId"].nunique()),
+        "boxes": int(len(boxes)),
+        "images_by_boxes": {str(k): int(v) for k, v in boxes.groupby("patientId").size().value_counts().sort_index().items()},
+        "per_view": per_view,
+    }
+
+
 def main() -> None:
-    counts = {"vindr": vindr_counts(), "siim": siim_counts()}
+    counts = {"vindr": vindr_counts(), "siim": siim_counts(), "rsna": rsna_counts()}
     out = ROOT / "benchmarks" / "results"
     atomic_write_text(out / "dataset_counts.json", json.dumps(counts, indent=2) + "\n")
     v = counts["vindr"]
@@ -86,6 +109,11 @@ def main() -> None:
     md += (f"\n## SIIM-ACR Pneumothorax ({s['file']})\n\n{s['rows']} rows, {s['images']} images, "
            f"{s['images_with_pneumothorax']} with a pneumothorax mask of {s['components']} components in all; "
            f"images by number of components {s['images_by_components']}.\n")
+    r = counts["rsna"]
+    md += (f"\n## RSNA Pneumonia ({r['file']})\n\n{r['rows']} rows, {r['images']} images, {r['images_with_boxes']} "
+           f"with an opacity box, {r['boxes']} boxes; images by number of boxes {r['images_by_boxes']}.\n\n"
+           + markdown_table(["view", "images", "images with a box", "boxes"],
+                            [[v, c["images"], c["with_boxes"], c["boxes"]] for v, c in r["per_view"].items()]) + "\n")
     atomic_write_text(out / "dataset_counts.md", md)
     print(md)
 

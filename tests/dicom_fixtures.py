@@ -4,12 +4,15 @@ VR little endian, the 128-byte preamble and ``DICM`` marker."""
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
 import pydicom
+from PIL import Image
 from pydicom.dataset import FileDataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.encaps import encapsulate
+from pydicom.uid import ExplicitVRLittleEndian, JPEGBaseline8Bit, generate_uid
 
 DX_FOR_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.1"  # Digital X-Ray Image Storage - For Presentation
 CR = "1.2.840.10008.5.1.4.1.1.1"  # Computed Radiography Image Storage
@@ -25,8 +28,12 @@ def write_dicom(
     intercept: float | None = None,
     window: tuple[float, float] | None = None,
     sop_class: str = DX_FOR_PRESENTATION,
+    jpeg: bool = False,
+    header: dict | None = None,
 ) -> Path:
-    """Write ``stored`` (the raw stored values, [rows, columns]) as a 16-bit-allocated DICOM."""
+    """Write ``stored`` (the raw stored values, [rows, columns]) as a 16-bit-allocated DICOM, or
+    with ``jpeg`` as an 8-bit JPEG baseline one (RSNA's files are); ``header`` sets more elements
+    by keyword (``PatientID``, ``ViewPosition``)."""
     path = Path(path)
     stored = np.asarray(stored)
     lo, hi = (-(2 ** (bits_stored - 1)), 2 ** (bits_stored - 1) - 1) if signed else (0, 2**bits_stored - 1)
@@ -58,7 +65,20 @@ def write_dicom(
     if window is not None:
         ds.WindowCenter, ds.WindowWidth = f"{window[0]:g}", f"{window[1]:g}"
         ds.VOILUTFunction = "LINEAR"
-    ds.PixelData = stored.astype("<i2" if signed else "<u2").tobytes()
+    for keyword, value in (header or {}).items():
+        setattr(ds, keyword, value)
+    if jpeg:
+        if bits_stored != 8 or signed:
+            raise ValueError("a JPEG baseline DICOM stores unsigned 8-bit pixels")
+        encoded = io.BytesIO()
+        Image.fromarray(stored.astype(np.uint8)).save(encoded, format="JPEG", quality=95)
+        meta.TransferSyntaxUID = JPEGBaseline8Bit
+        ds.BitsAllocated = 8
+        ds.PixelData = encapsulate([encoded.getvalue()])
+        ds["PixelData"].VR = "OB"
+        ds["PixelData"].is_undefined_length = True  # encapsulated fragments
+    else:
+        ds.PixelData = stored.astype("<i2" if signed else "<u2").tobytes()
     pydicom.dcmwrite(path, ds, enforce_file_format=True)
     return path
 
