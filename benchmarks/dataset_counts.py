@@ -8,7 +8,9 @@ rows, and per label the boxes and the images with at least one box (any reader) 
 of at least 2 readers (``data.readers=majority`` can only mark those). SIIM-ACR
 (``siim-pneumothorax-train-rle.csv.gz``): rows, images, images with a mask, components. RSNA
 Pneumonia (``kaggle_stage_2_train_labels.csv.zip`` and the DICOM headers table): rows, images,
-boxes, images by number of boxes, per view. Written to
+boxes, images by number of boxes, per view. CheXpert (``chexpert_train.csv.gz``): images, patients,
+views, and per label the positive, negative, uncertain (-1) and blank entries of the frontal
+images. Written to
 benchmarks/results/dataset_counts.json and .md (atomically).
 """
 
@@ -95,8 +97,27 @@ def rsna_counts() -> dict:
     }
 
 
+def chexpert_counts() -> dict:
+    rows = pd.read_csv(xrv_file("chexpert_train.csv.gz"))
+    view = rows["AP/PA"].where(rows["Frontal/Lateral"] == "Frontal", "L")
+    frontal = rows[view.isin(["PA", "AP"])]
+    per_label = {}
+    for name in rows.columns[6:]:
+        values = frontal[name]
+        per_label[name] = {"positive": int((values == 1).sum()), "negative": int((values == 0).sum()),
+                           "uncertain": int((values == -1).sum()), "blank": int(values.isna().sum())}
+    return {
+        "file": "chexpert_train.csv.gz",
+        "images": int(len(rows)),
+        "patients": int(rows["Path"].str.extract(r"(patient\d+)", expand=False).nunique()),
+        "views": {str(k): int(v) for k, v in view.value_counts().items()},
+        "frontal_images": int(len(frontal)),
+        "per_label_frontal": per_label,
+    }
+
+
 def main() -> None:
-    counts = {"vindr": vindr_counts(), "siim": siim_counts(), "rsna": rsna_counts()}
+    counts = {"vindr": vindr_counts(), "siim": siim_counts(), "rsna": rsna_counts(), "chexpert": chexpert_counts()}
     out = ROOT / "benchmarks" / "results"
     atomic_write_text(out / "dataset_counts.json", json.dumps(counts, indent=2) + "\n")
     v = counts["vindr"]
@@ -114,6 +135,13 @@ def main() -> None:
            f"with an opacity box, {r['boxes']} boxes; images by number of boxes {r['images_by_boxes']}.\n\n"
            + markdown_table(["view", "images", "images with a box", "boxes"],
                             [[v, c["images"], c["with_boxes"], c["boxes"]] for v, c in r["per_view"].items()]) + "\n")
+    c = counts["chexpert"]
+    md += (f"\n## CheXpert ({c['file']}, the training set)\n\n{c['images']} images of {c['patients']} patients; views "
+           f"{c['views']}. Label entries of the {c['frontal_images']} frontal images as the CSV holds them, before "
+           "a No Finding image's labels are set to 0 (uncertain: -1; blank: not mentioned, read as negative):\n\n"
+           + markdown_table(["label", "positive", "negative", "uncertain", "blank"],
+                            [[k, v["positive"], v["negative"], v["uncertain"], v["blank"]]
+                             for k, v in c["per_label_frontal"].items()]) + "\n")
     atomic_write_text(out / "dataset_counts.md", md)
     print(md)
 

@@ -36,6 +36,17 @@ def test_synthetic_batches_and_disjoint_splits():
     assert len(dm.dataset("train")) == 40 and len(dm.dataset("val")) == 12 and len(dm.dataset("test")) == 10
 
 
+def test_a_last_training_batch_of_one_image_is_dropped():
+    """41 training images in batches of 8 would end in a batch of 1, which BatchNorm refuses in
+    training mode: that image is left out of the epoch; 42 keeps its batch of 2, and val keeps all."""
+    for n, sizes in ((41, [8] * 5), (42, [8] * 5 + [2])):
+        dm = SyntheticDataModule(image_size=16, batch_size=8, synthetic=SMALL | {"num_train": n, "num_val": 9},
+                                 augment=False)
+        dm.setup("fit")
+        assert [len(b["image"]) for b in dm.train_dataloader()] == sizes
+        assert [len(b["image"]) for b in dm.val_dataloader()] == [8, 1]
+
+
 def test_label_matrix_positive_weights_and_test_subset():
     dm = SyntheticDataModule(image_size=16, synthetic=SMALL, test_subset=4)
     labels = dm.label_matrix("train")

@@ -33,7 +33,7 @@ from causal_ie.explain.explainers import Explainer, select_maps
 from causal_ie.models.findings import finding_aurocs
 from causal_ie.precision import autocast, current_search_dtype, full_precision
 from causal_ie.rows import patient_codes
-from causal_ie.models.auroc import label_auroc
+from causal_ie.models.auroc import auroc_targets, label_auroc
 
 class AttackEvaluation(nn.Module):
     """The attack study: attack, CE under attack, detection, and (with ``attack.adaptive``) the
@@ -149,7 +149,7 @@ class AttackEvaluation(nn.Module):
         with torch.no_grad():
             logits_adv = classifier(adv.images)
         p_adv = logits_adv.sigmoid()
-        self.auroc_adv.update(p_adv.nan_to_num(0.0), labels.nan_to_num(0.0).long())
+        self.auroc_adv.update(p_adv.nan_to_num(0.0), auroc_targets(labels))
         focus = focus_finding(adv.attacked, p_clean)
         image_idx = torch.arange(len(focus), device=focus.device)
         index = torch.as_tensor(batch["index"], device=images.device)

@@ -250,7 +250,9 @@ class CXRDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,
-            drop_last=False,
+            # a last training batch of one image fails BatchNorm ("expected more than 1 value per
+            # channel"): a split of k * batch_size + 1 images drops that one image per epoch
+            drop_last=split == "train" and len(ds) > self.batch_size and len(ds) % self.batch_size == 1,
             generator=torch.Generator().manual_seed(self.seed) if shuffle else None,
         )
 

@@ -26,14 +26,20 @@ def classification_intervals(
     probs: np.ndarray, labels: np.ndarray, groups: Sequence[str], predicted: np.ndarray, findings: Sequence[str],
     n_boot: int, seed: int,
 ) -> dict[str, Any]:
-    """``auroc_mean`` and ``auroc.<finding>`` interval bounds (findings with both classes)."""
-    usable = [k for k in range(len(findings)) if predicted[k] and 0 < labels[:, k].sum() < len(labels)]
+    """``auroc_mean`` and ``auroc.<finding>`` interval bounds (findings with both classes among
+    their known labels; a NaN label is left out of its finding's AUROC, as in the estimate)."""
+    known = ~np.isnan(labels)
+    usable = [k for k in range(len(findings)) if predicted[k] and 0 < np.nansum(labels[:, k]) < known[:, k].sum()]
     out: dict[str, Any] = {"auroc": {}}
     if not usable:
         return out
 
+    def known_auroc(y: np.ndarray, p: np.ndarray, weights: np.ndarray) -> np.ndarray:
+        rows = ~np.isnan(y)
+        return weighted_auroc(y[rows], p[rows], weights[:, rows])
+
     def mean_auroc(*columns: np.ndarray, weights: np.ndarray) -> np.ndarray:
-        values = np.stack([weighted_auroc(columns[2 * i], columns[2 * i + 1], weights) for i in range(len(usable))])
+        values = np.stack([known_auroc(columns[2 * i], columns[2 * i + 1], weights) for i in range(len(usable))])
         with warnings.catch_warnings():  # a resample with no finding of both classes: NaN, dropped
             warnings.simplefilter("ignore", RuntimeWarning)
             return np.nanmean(values, axis=0)
@@ -41,7 +47,7 @@ def classification_intervals(
     columns = [a for k in usable for a in (labels[:, k], probs[:, k])]
     out.update(_bounds("auroc_mean", bootstrap_ci(mean_auroc, groups, *columns, n_boot=n_boot, seed=seed)))
     for k in usable:
-        interval = bootstrap_ci(weighted_auroc, groups, labels[:, k], probs[:, k], n_boot=n_boot, seed=seed)
+        interval = bootstrap_ci(known_auroc, groups, labels[:, k], probs[:, k], n_boot=n_boot, seed=seed)
         out["auroc"].update(_bounds(findings[k], interval))
     return out
 

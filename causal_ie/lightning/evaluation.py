@@ -34,7 +34,7 @@ from causal_ie.models import Classifier
 from causal_ie.models.findings import finding_aurocs, predicted_mask
 from causal_ie.precision import full_precision
 from causal_ie.rows import Rows, patient_codes
-from causal_ie.models.auroc import label_auroc
+from causal_ie.models.auroc import auroc_targets, label_auroc
 
 log = logging.getLogger(__name__)
 
@@ -326,11 +326,11 @@ class CEEvaluation(L.LightningModule):
             logits = self.classifier(images)
         self._check_finite(batch, images, logits)
         probs = logits.sigmoid()
-        known = labels.nan_to_num(0.0)  # unknown labels only occur in unscored columns
-        self.auroc.update(probs.nan_to_num(0.0), known.long())
+        # unknown labels (NaN) are left out of each finding's AUROC and of its interval
+        self.auroc.update(probs.nan_to_num(0.0), auroc_targets(labels))
         self._images_seen += images.shape[0]
         patients = patient_codes(batch, images.device)
-        self.image_rows.update(torch.cat([patients[:, None], probs.nan_to_num(0.0).double(), known.double()], 1))
+        self.image_rows.update(torch.cat([patients[:, None], probs.nan_to_num(0.0).double(), labels.double()], 1))
         img_idx, finding_idx = box_pairs(labels, truth, self.predicted)
         # the attack study needs every finding's clean CE map; the box pairs are a selection of them
         clean_maps = {}

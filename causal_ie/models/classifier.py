@@ -16,7 +16,7 @@ from torchmetrics import Metric
 from causal_ie.data.findings import NIH14
 from causal_ie.labels import LabelSpace
 from causal_ie.models.backbone import Normalize, create_backbone
-from causal_ie.models.auroc import label_auroc, per_label
+from causal_ie.models.auroc import auroc_targets, label_auroc, per_label
 
 log = logging.getLogger(__name__)
 
@@ -223,9 +223,15 @@ class Classifier(L.LightningModule):
         return self.backbone(self.normalize(x))
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return nn.functional.binary_cross_entropy_with_logits(
-            logits, labels, pos_weight=self.pos_weight
+        """Mean BCE over the known labels: a NaN label (an uncertain CheXpert label under
+        ``data.uncertain=ignore``) adds nothing, neither to the sum nor to the count."""
+        known = ~torch.isnan(labels)
+        if bool(known.all()):
+            return nn.functional.binary_cross_entropy_with_logits(logits, labels, pos_weight=self.pos_weight)
+        per_entry = nn.functional.binary_cross_entropy_with_logits(
+            logits, labels.nan_to_num(0.0), pos_weight=self.pos_weight, reduction="none"
         )
+        return (per_entry * known).sum() / known.sum().clamp(min=1)
 
     @property
     def adv_attack(self) -> Any:
@@ -265,7 +271,7 @@ class Classifier(L.LightningModule):
         loss = self.loss(logits, batch["labels"])
         # float32 probabilities: under *-mixed a half-precision sigmoid rounds them to ~2e-3 and ties the ranking
         half = logits.dtype in (torch.float16, torch.bfloat16)
-        auroc.update((logits.float() if half else logits).sigmoid(), batch["labels"].long())
+        auroc.update((logits.float() if half else logits).sigmoid(), auroc_targets(batch["labels"]))
         self.log(f"{stage}/loss", loss, prog_bar=True, sync_dist=True, batch_size=len(logits))
 
     def _log_auroc(self, stage: str, auroc: Metric) -> None:

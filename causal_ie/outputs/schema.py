@@ -45,7 +45,7 @@ RECONSTRUCTION: Tree = {
 }
 
 DATA_REPORT: Tree = {
-    "source": Key(str, "the data source (data=): synthetic, nih, chestmnist, vindr, rsna or siim"),
+    "source": Key(str, "the data source (data=): synthetic, nih, chestmnist, vindr, rsna, siim or chexpert"),
     "root": Key(str, "data.root, the folder read"),
     "metadata_file": Key(str, "NIH and the DICOM sources (VinDr-CXR, RSNA, SIIM): the metadata (annotation) CSV read"),
     "image_folders": Key(list, "NIH: the image folders found (images/, images_001/images/, ...)"),
@@ -53,7 +53,9 @@ DATA_REPORT: Tree = {
     "split": Key(str, "NIH: official lists, or patient-wise by seed; VinDr-CXR, RSNA, SIIM: image-wise by seed (no patient ids)"),
     "boxes_only": Key(list, "splits restricted to images with radiologist ground truth (data.test_boxes_only)"),
     "readers": Key(str, "VinDr-CXR: data.readers, how its 3 readers' boxes combine into a mask (any, majority)"),
-    "views": Key(list, "RSNA: data.views, the view positions kept (PA, AP; '*': all)"),
+    "views": Key(list, "RSNA, CheXpert: data.views, the views kept (PA, AP; CheXpert's L: lateral; '*': all)"),
+    "uncertain": Key(str, "CheXpert: data.uncertain, what an uncertain (-1) label is: ignore (NaN, left out), ones, zeros"),
+    "uncertain_labels": Key(int, "CheXpert: uncertain (-1) label entries among the images read"),
     "images_view_unknown": Key(int, "RSNA: listed images missing from torchxrayvision's DICOM headers table (no view)"),
     "images_other_views": Key(int, "RSNA: listed images of views not in data.views"),
     "images_listed": Key(int, "NIH and the DICOM sources: images the metadata lists"),

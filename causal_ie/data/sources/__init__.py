@@ -2,14 +2,15 @@
 
 ``synthetic`` (SyntheticCXR, generated, no download), ``nih`` (ChestX-ray14 as the NIH
 download unpacks), ``chestmnist`` (MedMNIST's npz files), ``vindr`` (VinDr-CXR's DICOMs and its readers'
-boxes), ``rsna`` (RSNA Pneumonia's DICOMs and opacity boxes) and ``siim`` (SIIM-ACR's DICOMs and run-length segmentations); the DICOM sets share
+boxes), ``rsna`` (RSNA Pneumonia's DICOMs and opacity boxes), ``chexpert`` (CheXpert's JPEGs and labels, no ground truth) and ``siim`` (SIIM-ACR's DICOMs and run-length segmentations); the DICOM sets share
 :mod:`causal_ie.data.sources.files` and serve their ground truth as per-label masks. Each module is imported on
 use, so a source's readers (pydicom, torchxrayvision) load only when it is chosen.
 """
 
 from __future__ import annotations
 
-__all__ = ["SyntheticDataModule", "NIHDataModule", "ChestMNISTDataModule", "VinDrDataModule", "RSNADataModule", "SIIMDataModule"]
+__all__ = ["SyntheticDataModule", "NIHDataModule", "ChestMNISTDataModule", "VinDrDataModule", "RSNADataModule", "SIIMDataModule",
+           "CheXpertDataModule"]
 
 _MODULES = {
     "SyntheticDataModule": "synthetic",
@@ -18,6 +19,7 @@ _MODULES = {
     "VinDrDataModule": "vindr",
     "RSNADataModule": "rsna",
     "SIIMDataModule": "siim",
+    "CheXpertDataModule": "chexpert",
 }
 
 

@@ -35,7 +35,9 @@ class Catalogue:
     """What a folder lists: one entry per image, in a fixed order.
 
     ``labels`` [N, K] are 0/1 in the source's label space (NaN: unknown, e.g. an uncertain
-    CheXpert label left out); ``split`` says how the splits are drawn, for the report."""
+    CheXpert label left out); ``split`` says how the splits are drawn, for the report;
+    ``official_test`` (bool [N]) marks a data set's own test images (CheXpert's ``valid.csv``):
+    they are the test split, and train and val are drawn from the rest."""
 
     ids: list[str]
     patient_ids: list[str]
@@ -43,6 +45,7 @@ class Catalogue:
     labels: np.ndarray
     metadata_file: Path
     split: str = "patient-wise by seed"
+    official_test: np.ndarray | None = None
 
 
 class GroundTruth(Protocol):
@@ -167,25 +170,39 @@ class FileSourceDataModule(CXRDataModule):
             raise DataError(f"none of the {len(present)} image files under {root} could be decoded: {problems.summary()}")
         order = list(readable)
         table = pd.DataFrame({"image": [cat.ids[i] for i in order], "patient_id": [cat.patient_ids[i] for i in order]})
-        fractions = {"train": 1 - self.val_fraction - self.test_fraction, "val": self.val_fraction, "test": self.test_fraction}
-        chosen = patient_split(table, fractions, self.seed)
+        if cat.official_test is None:
+            fractions = {"train": 1 - self.val_fraction - self.test_fraction, "val": self.val_fraction,
+                         "test": self.test_fraction}
+            chosen = patient_split(table, fractions, self.seed)
+        else:  # the data set's own test split; val drawn patient-wise from the rest
+            official = np.asarray(cat.official_test, dtype=bool)[order]
+            chosen = patient_split(table[~official], {"train": 1 - self.val_fraction, "val": self.val_fraction},
+                                   self.seed)
+            chosen["test"] = table["image"][official].tolist()
         index_of = {cat.ids[i]: i for i in order}
         datasets: dict[str, Dataset] = {}
+        boxes_only = self.test_boxes_only
         for split in SPLITS:
             items = [index_of[n] for n in chosen[split]]
             rows = np.array([readable[i] for i in items], dtype=np.int64)
             sizes = cache.sizes[rows] if len(rows) else np.zeros((0, 2), np.int64)
             ids = [cat.ids[i] for i in items]
+            truth = self.ground_truth(ids, sizes, problems)
             ds: Dataset = MaskedImages(cache.images, rows, cat.labels[np.asarray(items, dtype=np.int64)], ids,
-                                       [cat.patient_ids[i] for i in items], self.ground_truth(ids, sizes, problems))
-            if split == "test" and self.test_boxes_only:
+                                       [cat.patient_ids[i] for i in items], truth)
+            if split == "test" and boxes_only and truth is None:
+                # a labels-only source (CheXpert): every test image is scored for classification
+                log.info("data.test_boxes_only has no effect on data=%s: it has no localisation ground truth",
+                         self.source)
+                boxes_only = False
+            elif split == "test" and boxes_only:
                 ds = Subset(ds, np.flatnonzero(ds.has_ground_truth()).tolist())
             datasets[split] = ds
         problems.log_summary()
         self._report = {
             "source": self.source, "root": str(root), "metadata_file": str(cat.metadata_file.relative_to(root)),
             "on_error": self.on_error, "split": cat.split, **self.source_details(),
-            "boxes_only": ["test"] if self.test_boxes_only else [],
+            "boxes_only": ["test"] if boxes_only else [],
             "images_listed": len(cat.ids), "images_found": len(present), "images_readable": len(readable),
             "images_used": len(readable), "images_skipped": len(cat.ids) - len(readable), **problems.as_dict(),
             "splits": {s: self.split_counts(ds) for s, ds in datasets.items()},
