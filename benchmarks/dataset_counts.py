@@ -10,7 +10,8 @@ of at least 2 readers (``data.readers=majority`` can only mark those). SIIM-ACR
 Pneumonia (``kaggle_stage_2_train_labels.csv.zip`` and the DICOM headers table): rows, images,
 boxes, images by number of boxes, per view. CheXpert (``chexpert_train.csv.gz``): images, patients,
 views, and per label the positive, negative, uncertain (-1) and blank entries of the frontal
-images. Written to
+images. NIH Google (``google2019_nih-chest-xray-labels.csv.gz``): images and patients per set,
+views, positives per label, and how many of its images NIH's boxes cover. Written to
 benchmarks/results/dataset_counts.json and .md (atomically).
 """
 
@@ -116,8 +117,25 @@ def chexpert_counts() -> dict:
     }
 
 
+def nih_google_counts() -> dict:
+    rows = pd.read_csv(xrv_file("google2019_nih-chest-xray-labels.csv.gz"))
+    boxes = pd.read_csv(xrv_file("BBox_List_2017.csv.gz"))
+    boxed = boxes[boxes["Image Index"].isin(rows["Image Index"])]
+    findings = ["Airspace opacity", "Fracture", "Nodule or mass", "Pneumothorax"]
+    return {
+        "file": "google2019_nih-chest-xray-labels.csv.gz",
+        "images": int(len(rows)),
+        "patients": int(rows["Patient ID"].nunique()),
+        "sets": {s: {"images": int(len(g)), "patients": int(g["Patient ID"].nunique()),
+                     **{f: int((g[f] == "YES").sum()) for f in findings}} for s, g in rows.groupby("Set Id")},
+        "views": {str(k): int(v) for k, v in rows["View Position"].value_counts().items()},
+        "images_with_nih_boxes": int(boxed["Image Index"].nunique()),
+    }
+
+
 def main() -> None:
-    counts = {"vindr": vindr_counts(), "siim": siim_counts(), "rsna": rsna_counts(), "chexpert": chexpert_counts()}
+    counts = {"vindr": vindr_counts(), "siim": siim_counts(), "rsna": rsna_counts(), "chexpert": chexpert_counts(),
+              "nih_google": nih_google_counts()}
     out = ROOT / "benchmarks" / "results"
     atomic_write_text(out / "dataset_counts.json", json.dumps(counts, indent=2) + "\n")
     v = counts["vindr"]
@@ -142,6 +160,13 @@ def main() -> None:
            + markdown_table(["label", "positive", "negative", "uncertain", "blank"],
                             [[k, v["positive"], v["negative"], v["uncertain"], v["blank"]]
                              for k, v in c["per_label_frontal"].items()]) + "\n")
+    g = counts["nih_google"]
+    md += (f"\n## NIH Google labels ({g['file']})\n\n{g['images']} images of {g['patients']} patients; views "
+           f"{g['views']}; {g['images_with_nih_boxes']} of them have an NIH box.\n\n"
+           + markdown_table(["set", "images", "patients", "Airspace opacity", "Fracture", "Nodule or mass",
+                             "Pneumothorax"],
+                            [[k, v["images"], v["patients"], v["Airspace opacity"], v["Fracture"],
+                              v["Nodule or mass"], v["Pneumothorax"]] for k, v in g["sets"].items()]) + "\n")
     atomic_write_text(out / "dataset_counts.md", md)
     print(md)
 

@@ -2,7 +2,8 @@
 
 ``synthetic`` (SyntheticCXR, generated, no download), ``nih`` (ChestX-ray14 as the NIH
 download unpacks), ``chestmnist`` (MedMNIST's npz files), ``vindr`` (VinDr-CXR's DICOMs and its readers'
-boxes), ``rsna`` (RSNA Pneumonia's DICOMs and opacity boxes), ``chexpert`` (CheXpert's JPEGs and labels, no ground truth) and ``siim`` (SIIM-ACR's DICOMs and run-length segmentations); the DICOM sets share
+boxes), ``rsna`` (RSNA Pneumonia's DICOMs and opacity boxes), ``chexpert`` (CheXpert's JPEGs and labels, no ground truth), ``nih_google`` (NIH PNGs
+with Google's adjudicated labels) and ``siim`` (SIIM-ACR's DICOMs and run-length segmentations); the DICOM sets share
 :mod:`causal_ie.data.sources.files` and serve their ground truth as per-label masks. Each module is imported on
 use, so a source's readers (pydicom, torchxrayvision) load only when it is chosen.
 """
@@ -10,7 +11,7 @@ use, so a source's readers (pydicom, torchxrayvision) load only when it is chose
 from __future__ import annotations
 
 __all__ = ["SyntheticDataModule", "NIHDataModule", "ChestMNISTDataModule", "VinDrDataModule", "RSNADataModule", "SIIMDataModule",
-           "CheXpertDataModule"]
+           "CheXpertDataModule", "NIHGoogleDataModule"]
 
 _MODULES = {
     "SyntheticDataModule": "synthetic",
@@ -20,6 +21,7 @@ _MODULES = {
     "RSNADataModule": "rsna",
     "SIIMDataModule": "siim",
     "CheXpertDataModule": "chexpert",
+    "NIHGoogleDataModule": "nih_google",
 }
 
 

@@ -106,6 +106,11 @@ def _unwrap(ds: Dataset) -> tuple[MaskedImages, list[int]]:
     return ds, idx  # type: ignore[return-value]
 
 
+def _shown(path: Path, root: Path) -> str:
+    """``path`` relative to the data folder, or whole when it lies elsewhere (a shipped copy)."""
+    return str(path.relative_to(root)) if path.is_relative_to(root) else str(path)
+
+
 class FileSourceDataModule(CXRDataModule):
     """A data set of image files (DICOM, PNG) under ``data.root``, read once into the cache.
 
@@ -200,7 +205,7 @@ class FileSourceDataModule(CXRDataModule):
             datasets[split] = ds
         problems.log_summary()
         self._report = {
-            "source": self.source, "root": str(root), "metadata_file": str(cat.metadata_file.relative_to(root)),
+            "source": self.source, "root": str(root), "metadata_file": _shown(cat.metadata_file, root),
             "on_error": self.on_error, "split": cat.split, **self.source_details(),
             "boxes_only": ["test"] if boxes_only else [],
             "images_listed": len(cat.ids), "images_found": len(present), "images_readable": len(readable),
