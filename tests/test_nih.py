@@ -17,6 +17,7 @@ from causal_ie.data import nih
 from causal_ie.data.errors import DataError, ProblemLog
 from causal_ie.data.findings import FINDINGS
 from causal_ie.data.images import load_grayscale, resize_uint8
+from causal_ie.data.splits import patient_split
 
 
 def _label_matrix(records) -> np.ndarray:
@@ -167,17 +168,17 @@ def test_patient_split_no_leakage_fractions_and_seeded(tmp_path):
     rows = [(f"{p:08d}_{i:03d}.png", str(p)) for p in range(60) for i in range(1 + p % 4)]
     meta = pd.DataFrame(rows, columns=["image", "patient_id"])
     fractions = {"train": 0.7, "val": 0.1, "test": 0.2}
-    splits = nih.patient_split(meta, fractions, seed=3)
+    splits = patient_split(meta, fractions, seed=3)
     assert sorted(sum(splits.values(), [])) == sorted(meta["image"])  # every image exactly once
     patient = dict(rows)
     owners = [{patient[n] for n in names} for names in splits.values()]
     assert not (owners[0] & owners[1] or owners[0] & owners[2] or owners[1] & owners[2])
     for s, f in fractions.items():
         assert abs(len(splits[s]) / len(meta) - f) < 0.05
-    assert nih.patient_split(meta, fractions, seed=3) == splits
-    assert nih.patient_split(meta, fractions, seed=4) != splits
+    assert patient_split(meta, fractions, seed=3) == splits
+    assert patient_split(meta, fractions, seed=4) != splits
     with pytest.raises(ValueError, match="sum to 1"):
-        nih.patient_split(meta, {"train": 0.7, "val": 0.1}, seed=0)
+        patient_split(meta, {"train": 0.7, "val": 0.1}, seed=0)
 
 
 def test_make_splits_uses_official_lists(tmp_path):

@@ -67,3 +67,16 @@ def test_auroc_intervals_resample_only_the_known_labels():
     assert np.isfinite(out["auroc_mean_ci_low"])
     assert out["auroc"]["B_ci_low"] == pytest.approx(alone["auroc"]["B_ci_low"], abs=0.05)
     assert out["auroc"]["B_ci_high"] == pytest.approx(alone["auroc"]["B_ci_high"], abs=0.05)
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_a_label_unknown_on_every_image_has_a_nan_auroc(k):
+    """A model output the data does not annotate is NaN on every image: its AUROC is NaN, the
+    others are computed (torchmetrics alone fails on such a column)."""
+    probs = torch.rand(6, k)
+    labels = torch.tensor([[1.0], [0.0], [1.0], [0.0], [1.0], [0.0]]).repeat(1, k)
+    labels[:, -1] = float("nan")
+    metric = label_auroc(k)
+    metric.update(probs, auroc_targets(labels))
+    got = per_label(metric.compute())
+    assert torch.isnan(got[-1]) and not torch.isnan(got[:-1]).any()

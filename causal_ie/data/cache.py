@@ -275,3 +275,13 @@ def _write_cache(
         for tmp in (tmp_data, tmp_meta):
             tmp.unlink(missing_ok=True)
         raise
+
+
+def default_cache_dir(root: str | Path, source: str = "nih") -> Path:
+    """Where a source's image cache goes without ``data.cache_dir``: beside the data
+    (``.causal_ie_cache``, NIH's directly, another source's in its own folder), else in the user cache."""
+    root = Path(root).expanduser()
+    if os.access(root, os.W_OK):
+        return root / ".causal_ie_cache" if source == "nih" else root / ".causal_ie_cache" / source
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "causal_ie" / source

@@ -35,9 +35,10 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
-from causal_ie.data.cache import build_cache
+from causal_ie.data.cache import build_cache, default_cache_dir
 from causal_ie.data.errors import DataError, ProblemLog
 from causal_ie.data.findings import ALIASES, FINDINGS, NUM_FINDINGS
+from causal_ie.data.splits import patient_split
 
 log = logging.getLogger(__name__)
 
@@ -290,33 +291,6 @@ def read_official_split(root: str | Path) -> tuple[list[str], list[str]] | None:
     return train_val, test
 
 
-def patient_split(metadata: pd.DataFrame, fractions: dict[str, float], seed: int) -> dict[str, list[str]]:
-    """Split images patient-wise so each split gets about ``fractions`` of the images.
-
-    Patients are shuffled with ``seed`` and each goes, with all its images, to
-    the split furthest below its target image count; no patient is in two
-    splits. Image lists keep the order of ``metadata``.
-    """
-    for column in ("image", "patient_id"):
-        if column not in metadata.columns:
-            raise ValueError(f"patient_split: metadata needs an {column!r} column, has {list(metadata.columns)}")
-    if not fractions or any(f < 0 for f in fractions.values()) or not math.isclose(sum(fractions.values()), 1.0, abs_tol=1e-6):
-        raise ValueError(f"patient_split: fractions must be >= 0 and sum to 1, got {fractions}")
-    per_patient = metadata.groupby("patient_id", sort=True).size()
-    order = np.random.default_rng(seed).permutation(len(per_patient))
-    total = len(metadata)
-    names = [s for s, f in fractions.items() if f > 0]  # a zero-fraction split gets nothing
-    deficit = np.array([fractions[s] * total for s in names])
-    assigned: dict[str, str] = {}
-    for k in order:
-        j = int(np.argmax(deficit))
-        assigned[per_patient.index[k]] = names[j]
-        deficit[j] -= per_patient.iloc[k]
-    split_of = metadata["patient_id"].map(assigned).to_numpy()
-    images = metadata["image"].to_numpy()
-    return {s: images[split_of == s].tolist() for s in fractions}
-
-
 def make_splits(
     root: str | Path,
     metadata: pd.DataFrame,
@@ -403,15 +377,6 @@ def find_images(root: str | Path, names: Iterable[str], problems: ProblemLog) ->
     for name in missing:
         problems.report("missing image", name, f"not in {searched}; {len(missing)} of the {len(names)} listed images are missing")
     return found
-
-
-def default_cache_dir(root: str | Path) -> Path:
-    """Where the image cache goes without ``data.cache_dir``: beside the data, else in the user cache."""
-    root = Path(root).expanduser()
-    if os.access(root, os.W_OK):
-        return root / ".causal_ie_cache"
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return base / "causal_ie" / "nih"
 
 
 # -- data set ----------------------------------------------------------------

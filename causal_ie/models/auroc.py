@@ -9,6 +9,8 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 from torchmetrics.classification import BinaryAUROC, MultilabelAUROC
+from torchmetrics.functional.classification import binary_auroc
+from torchmetrics.utilities import dim_zero_cat
 
 
 IGNORED = -1  # the target value the AUROCs leave out
@@ -19,11 +21,38 @@ def auroc_targets(labels: Tensor) -> Tensor:
     return torch.where(torch.isnan(labels), torch.full_like(labels, IGNORED), labels).long()
 
 
+def _known_aurocs(preds: Tensor, target: Tensor) -> Tensor:
+    """[K] AUROC of each column over its known rows; NaN for a column with none (torchmetrics
+    fails on it: a model output the data does not annotate is all unknown)."""
+    out = []
+    for k in range(target.shape[1]):
+        keep = target[:, k] != IGNORED
+        out.append(binary_auroc(preds[keep, k], target[keep, k]) if bool(keep.any())
+                   else torch.tensor(float("nan"), device=preds.device))
+    return torch.stack(out)
+
+
+class KnownLabelAUROC(MultilabelAUROC):
+    """MultilabelAUROC per label over the known targets only (``ignore_index`` = :data:`IGNORED`)."""
+
+    def __init__(self, num_labels: int):
+        super().__init__(num_labels=num_labels, average=None, ignore_index=IGNORED)
+
+    def compute(self) -> Tensor:
+        return _known_aurocs(dim_zero_cat(self.preds), dim_zero_cat(self.target))
+
+
 class SingleLabelAUROC(BinaryAUROC):
-    """MultilabelAUROC's ``update`` for one label ([B, 1] scores and targets)."""
+    """MultilabelAUROC's ``update`` for one label ([B, 1] scores and targets), unknown targets out."""
+
+    def __init__(self) -> None:
+        super().__init__(ignore_index=IGNORED)
 
     def update(self, preds: Tensor, target: Tensor) -> None:  # type: ignore[override]
         super().update(preds.reshape(-1), target.reshape(-1))
+
+    def compute(self) -> Tensor:
+        return _known_aurocs(dim_zero_cat(self.preds)[:, None], dim_zero_cat(self.target)[:, None])[0]
 
 
 def label_auroc(num_labels: int) -> Metric:
@@ -31,9 +60,7 @@ def label_auroc(num_labels: int) -> Metric:
     scalar: read it through :func:`per_label`."""
     if num_labels < 1:
         raise ValueError(f"an AUROC needs at least one label, got {num_labels}")
-    if num_labels == 1:
-        return SingleLabelAUROC(ignore_index=IGNORED)
-    return MultilabelAUROC(num_labels=num_labels, average=None, ignore_index=IGNORED)
+    return SingleLabelAUROC() if num_labels == 1 else KnownLabelAUROC(num_labels)
 
 
 def per_label(values: Tensor) -> Tensor:

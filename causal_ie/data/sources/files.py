@@ -1,6 +1,7 @@
-"""What the DICOM data sets (VinDr-CXR, SIIM-ACR, ...) share: a catalogue of image files and
-labels, the files decoded once into the memmap cache, seeded patient-wise splits, and ground
-truth drawn per item as per-label masks.
+"""What the data sets of image files (VinDr-CXR, RSNA, SIIM-ACR DICOMs; CheXpert JPEGs; NIH PNGs
+with Google's labels) share: a catalogue of image files and labels, the files decoded once into
+the memmap cache, seeded patient-wise splits (or the data set's own test split), and ground truth
+drawn per item as per-label masks.
 
 A source says what its folder holds (:meth:`FileSourceDataModule.catalogue`: ids, patients,
 paths, labels) and how its ground truth is stored (:meth:`FileSourceDataModule.ground_truth`:
@@ -22,10 +23,11 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset, Subset
 
-from causal_ie.data.cache import build_cache
+from causal_ie.data.cache import build_cache, default_cache_dir
 from causal_ie.data.datamodule import SPLITS, CXRDataModule, data_root
 from causal_ie.data.errors import DataError, ProblemLog
 from causal_ie.data.ground_truth import mask_boxes
+from causal_ie.data.splits import patient_split
 
 log = logging.getLogger(__name__)
 
@@ -155,8 +157,6 @@ class FileSourceDataModule(CXRDataModule):
         return self._splits
 
     def _read(self) -> dict[str, Dataset]:
-        from causal_ie.data.nih import default_cache_dir, patient_split
-
         root = Path(self.root).expanduser()
         problems = ProblemLog(self.on_error)
         cat = self.catalogue()
@@ -168,7 +168,7 @@ class FileSourceDataModule(CXRDataModule):
         if not present:
             raise DataError(f"none of the {len(cat.ids)} images listed in {cat.metadata_file} is under {root} "
                             f"(e.g. {cat.paths[0] if cat.paths else 'no rows'})")
-        cache_dir = Path(self.cache_dir) if self.cache_dir else default_cache_dir(root) / self.source
+        cache_dir = Path(self.cache_dir) if self.cache_dir else default_cache_dir(root, self.source)
         cache = build_cache([cat.paths[i] for i in present], self.image_size, cache_dir, problems)
         readable = {i: row for row, i in enumerate(present) if cache.valid[row]}
         if not readable:
