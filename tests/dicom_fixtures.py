@@ -85,9 +85,9 @@ def write_dicom(
 
 def source_datamodule(cls, root, tmp_path, **kw):
     """A DICOM data source's datamodule over a fixture folder: 64 px, no augmentation, every
-    image in train (val and test fractions 0) unless ``kw`` says otherwise."""
+    image in train (val and test fractions 0) with its ground truth, unless ``kw`` says otherwise."""
     settings = dict(root=str(root), image_size=64, batch_size=4, augment=False, cache_dir=str(tmp_path / "cache"),
-                    val_fraction=0.0, test_fraction=0.0)
+                    val_fraction=0.0, test_fraction=0.0, train_masks=True)
     return cls(**(settings | kw))
 
 

@@ -76,6 +76,29 @@ def test_training_augmentation_moves_boxes_with_the_image():
         assert torch.isnan(out["boxes"][0]).all()
 
 
+def test_training_augmentation_moves_masks_with_the_image():
+    """A flip (always) and an affine move the masks exactly as the image: the bright pixels and
+    the mask stay the same set, and the boxes still hold them."""
+    torch.manual_seed(0)
+    image = torch.zeros(1, 32, 32)
+    image[:, 10:18, 6:12] = 1.0
+    masks = torch.zeros(14, 32, 32, dtype=torch.bool)
+    masks[4, 10:18, 6:12] = True
+    boxes = torch.full((14, 4), float("nan"))
+    boxes[4] = torch.tensor([6.0, 10.0, 6.0, 8.0])
+    flipped = BoxAwareAugment(translate=0.0, scale=(1.0, 1.0), degrees=0.0, hflip=1.0)(
+        {"image": image, "masks": masks, "boxes": boxes.clone()})
+    assert flipped["masks"].dtype == torch.bool and torch.equal(flipped["masks"][4], masks[4].flip(-1))
+    assert torch.equal(flipped["image"][0] > 0.5, flipped["masks"][4]) and not flipped["masks"][0].any()
+    assert flipped["boxes"][4].tolist() == [20.0, 10.0, 6.0, 8.0]
+    augment = BoxAwareAugment(translate=0.15, scale=(0.9, 1.1), degrees=5.0, hflip=0.5)
+    for _ in range(10):
+        out = augment({"image": image, "masks": masks, "boxes": boxes.clone()})
+        bright = out["image"][0] > 0.5
+        # nearest-neighbour masks and bilinear images agree up to the pixels on the edge
+        assert (bright ^ out["masks"][4]).sum() <= 0.3 * masks[4].sum()
+
+
 def test_nih_source_scales_boxes_to_the_batch_image(tmp_path):
     root = make_nih_root(tmp_path, n_patients=8, images_per_patient=3, image_size=32, official_split=True)
     dm = NIHDataModule(root=str(root), image_size=16, batch_size=4, cache_dir=str(tmp_path / "cache"), augment=False)

@@ -122,3 +122,15 @@ def test_train_and_evaluate_on_rsna_score_the_opacity_boxes(tmp_path, rows):
     for method in ("ce", "gradcam"):
         assert saved["localisation"][method]["pairs"] == expected
         assert np.isfinite(saved["localisation"][method]["pointing_game"])
+
+
+def test_training_items_carry_ground_truth_only_when_asked(tmp_path, rows):
+    """data.train_masks=false (the default): training items have no masks to draw (training does
+    not use them); val and test do. With true, the augmented training batches carry them."""
+    root = make_rsna_root(tmp_path, pick_images(rows, [1, 2, 3, 1], 4), rows=rows)
+    dm = datamodule(root, tmp_path, train_masks=False, val_fraction=0.25, test_fraction=0.25)
+    assert "masks" not in dm.dataset("train")[0] and "boxes" not in dm.dataset("train")[0]
+    assert all("masks" in dm.dataset(s)[0] for s in ("val", "test"))
+    dm = datamodule(root, tmp_path, train_masks=True, augment=True, augment_hflip=0.5)
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["masks"].shape == (4, 2, 64, 64) and batch["masks"].dtype == torch.bool

@@ -16,7 +16,8 @@ class BoxAwareAugment:
     """Random affine (shift, scale, small rotation) and optional horizontal flip.
 
     Applied to a sample dict; the finding boxes (and a ``spurious_box`` if
-    present) follow the image. Boxes pushed partly out of the frame are
+    present) and the per-label ``masks`` [K,S,S] follow the image (the same
+    draw; masks by nearest neighbour). Boxes pushed partly out of the frame are
     clipped; boxes pushed wholly out become NaN.
     """
 
@@ -42,7 +43,12 @@ class BoxAwareAugment:
         boxes = tv_tensors.BoundingBoxes(
             stacked[valid], format="XYWH", canvas_size=(h, w)
         )
-        out_image, out_boxes = self.transform(tv_tensors.Image(image), boxes)
+        if "masks" in sample:
+            out_image, out_boxes, out_masks = self.transform(tv_tensors.Image(image), boxes,
+                                                             tv_tensors.Mask(sample["masks"].to(torch.uint8)))
+            sample = dict(sample, masks=out_masks.as_subclass(torch.Tensor).bool())
+        else:
+            out_image, out_boxes = self.transform(tv_tensors.Image(image), boxes)
         moved = torch.full_like(stacked, float("nan"))
         out_boxes = out_boxes.as_subclass(torch.Tensor)
         # A box clamped to zero area has left the image: it is no longer there.

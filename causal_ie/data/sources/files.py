@@ -65,17 +65,19 @@ class MaskedImages(Dataset):
 
     An item is ``{"image": float32 [1, S, S] in [0, 1], "labels": float32 [K], "masks": bool
     [K, S, S], "boxes": float32 [K, 4] (the masks' bounding boxes; NaN where a label has none),
-    "id", "patient_id"}``; without ground truth ``masks`` is all False and ``boxes`` NaN."""
+    "id", "patient_id"}``; without ground truth ``masks`` is all False and ``boxes`` NaN. With
+    ``draw=False`` an item has neither (a training split: drawing an image's masks costs 2-5 ms at
+    224 px, over 100 times reading it (benchmarks/mask_drawing.py), and training does not use them)."""
 
     def __init__(self, images: np.ndarray, rows: np.ndarray, labels: np.ndarray, ids: Sequence[str],
-                 patient_ids: Sequence[str], truth: GroundTruth | None):
+                 patient_ids: Sequence[str], truth: GroundTruth | None, draw: bool = True):
         n = len(ids)
         self.images, self.rows = images, np.asarray(rows, dtype=np.int64)
         self.labels = np.asarray(labels, dtype=np.float32)
         if self.rows.shape != (n,) or len(patient_ids) != n or self.labels.ndim != 2 or len(self.labels) != n:
             raise ValueError(f"MaskedImages: {n} ids need {n} rows, patient ids and label rows [n, K]")
         self.ids, self.patient_ids = [str(i) for i in ids], [str(p) for p in patient_ids]
-        self.truth = truth
+        self.truth, self.draw = truth, bool(draw)
         self.image_size = int(images.shape[1])
 
     def __len__(self) -> int:
@@ -85,18 +87,19 @@ class MaskedImages(Dataset):
         return self.truth.has() if self.truth is not None else np.zeros(len(self), dtype=bool)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
+        item = {
+            "image": torch.from_numpy(np.asarray(self.images[self.rows[i]], dtype=np.float32) / 255.0)[None],
+            "labels": torch.from_numpy(self.labels[i].copy()),
+            "id": self.ids[i],
+            "patient_id": self.patient_ids[i],
+        }
+        if not self.draw:
+            return item
         if self.truth is not None:
             masks = self.truth.masks(i, self.image_size)
         else:
             masks = torch.zeros((self.labels.shape[1], self.image_size, self.image_size), dtype=torch.bool)
-        return {
-            "image": torch.from_numpy(np.asarray(self.images[self.rows[i]], dtype=np.float32) / 255.0)[None],
-            "labels": torch.from_numpy(self.labels[i].copy()),
-            "masks": masks,
-            "boxes": mask_boxes(masks),
-            "id": self.ids[i],
-            "patient_id": self.patient_ids[i],
-        }
+        return {**item, "masks": masks, "boxes": mask_boxes(masks)}
 
 
 def _unwrap(ds: Dataset) -> tuple[MaskedImages, list[int]]:
@@ -120,12 +123,16 @@ class FileSourceDataModule(CXRDataModule):
         root: the data set's folder, as its download unpacks.
         cache_dir: where the resized images are cached (memmap; default beside the data).
         val_fraction, test_fraction: the splits' shares of the images, drawn patient-wise by seed.
+        train_masks: serve the training split's ground truth too (masks and boxes, moved by the
+            augmentation with the image); off by default, as training does not use it and drawing
+            it costs 2-5 ms per image with ground truth. Validation and test always carry it.
         **settings: the shared datamodule settings (:class:`~causal_ie.data.datamodule.CXRDataModule`).
     """
 
     def __init__(self, root: str | None = None, cache_dir: str | None = None, val_fraction: float = 0.1,
-                 test_fraction: float = 0.2, **settings: Any):
+                 test_fraction: float = 0.2, train_masks: bool = False, **settings: Any):
         super().__init__(**settings)
+        self.train_masks = bool(train_masks)
         self.root = data_root(root, self.source)
         self.cache_dir = cache_dir
         self.val_fraction, self.test_fraction = float(val_fraction), float(test_fraction)
@@ -194,7 +201,8 @@ class FileSourceDataModule(CXRDataModule):
             ids = [cat.ids[i] for i in items]
             truth = self.ground_truth(ids, sizes, problems)
             ds: Dataset = MaskedImages(cache.images, rows, cat.labels[np.asarray(items, dtype=np.int64)], ids,
-                                       [cat.patient_ids[i] for i in items], truth)
+                                       [cat.patient_ids[i] for i in items], truth,
+                                       draw=split != "train" or self.train_masks)
             if split == "test" and boxes_only and truth is None:
                 # a labels-only source (CheXpert): every test image is scored for classification
                 log.info("data.test_boxes_only has no effect on data=%s: it has no localisation ground truth",
