@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from causal_ie.outputs.plots import DPI, draw_box, map_scale, overlay_rgb, plt, save_figure, signed_scale
+from causal_ie.outputs.plots import DPI, draw_box, draw_ground_truth, map_scale, overlay_rgb, plt, save_figure, signed_scale
 
 
 def test_map_scale_is_centred_for_signed_maps_and_starts_at_zero_otherwise():
@@ -55,4 +55,23 @@ def test_draw_box_outlines_pixel_edges_and_skips_missing_boxes():
     draw_box(ax, None)
     (patch,) = ax.patches
     assert patch.get_xy() == (1.5, 2.5) and (patch.get_width(), patch.get_height()) == (4.0, 5.0)
+    plt.close(fig)
+
+
+def test_a_mask_is_outlined_by_its_contour_and_without_one_the_box_is_drawn():
+    """Two separate boxes united in one mask (an RSNA image's two opacities): two closed contours
+    around them, no rectangle; an empty mask falls back to the box."""
+    mask = np.zeros((32, 32), dtype=bool)
+    mask[8:20, 4:10] = True
+    mask[8:24, 18:28] = True
+    fig, ax = plt.subplots()
+    draw_ground_truth(ax, [4.0, 8.0, 24.0, 16.0], mask)
+    assert not ax.patches
+    (contour,) = [c for c in fig.axes[0].get_children() if type(c).__name__ == "QuadContourSet"]
+    paths = contour.get_paths()[0].to_polygons() if hasattr(contour, "get_paths") else []
+    assert len(paths) == 2
+    xs = sorted(float(np.mean(p[:, 0])) for p in paths)
+    assert 4 < xs[0] < 10 and 18 < xs[1] < 28
+    draw_ground_truth(ax, [4.0, 8.0, 24.0, 16.0], np.zeros_like(mask))
+    assert len(ax.patches) == 1
     plt.close(fig)

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from causal_ie.outputs.plots import draw_box, hide_ticks, interval_bars, interval_of, plt, save_figure, show_map
+from causal_ie.outputs.plots import draw_ground_truth, hide_ticks, interval_bars, interval_of, plt, save_figure, show_map
 
 
 def plot_examples(examples: Sequence[Mapping[str, Any]], methods: Sequence[str], path: str | Path) -> Path:
@@ -16,17 +16,19 @@ def plot_examples(examples: Sequence[Mapping[str, Any]], methods: Sequence[str],
     scale (signed CE maps centred at 0, CAMs from 0; see :func:`causal_ie.outputs.plots.map_scale`).
 
     An example holds ``image`` [H, W], ``box`` (x, y, w, h; NaN: none), ``finding``, ``prob``
-    and ``maps`` (method -> [H, W]).
+    and ``maps`` (method -> [H, W]), and ``mask`` [H, W] where the ground truth is a mask (its
+    outline is drawn instead of the box).
     """
     rows, cols = len(examples), 1 + len(methods)
     fig, axes = plt.subplots(rows, cols, figsize=(2.1 * cols, 2.2 * rows), squeeze=False)
     for r, ex in enumerate(examples):
         ax = axes[r, 0]
         ax.imshow(ex["image"], cmap="gray", vmin=0, vmax=1)
-        draw_box(ax, ex["box"])
+        draw_ground_truth(ax, ex["box"], ex.get("mask"))
         ax.set_title(f"{ex['finding']}\np={ex['prob']:.2f}", fontsize=8)
         for c, method in enumerate(methods, start=1):
-            show_map(fig, axes[r, c], np.asarray(ex["maps"][method], dtype=float), ex["image"], ex["box"])
+            show_map(fig, axes[r, c], np.asarray(ex["maps"][method], dtype=float), ex["image"], ex["box"],
+                     mask=ex.get("mask"))
             if r == 0:
                 axes[r, c].set_title(method, fontsize=9)
     hide_ticks(axes)

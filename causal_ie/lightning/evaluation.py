@@ -395,6 +395,7 @@ class CEEvaluation(L.LightningModule):
                     "prob": float(probs[i, k]),
                     "image": batch["image"][i, 0].float().cpu().numpy(),
                     "box": batch["boxes"][i, k].cpu().tolist(),
+                    **({"mask": batch["masks"][i, k].cpu().numpy()} if "masks" in batch else {}),
                     "maps": {m: v[p].float().cpu().numpy() for m, v in maps.items()},
                 }
             )

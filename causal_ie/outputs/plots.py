@@ -57,6 +57,16 @@ def draw_box(ax, box: Sequence[float] | None, color: str = LESION_COLOUR) -> Non
     ax.add_patch(Rectangle((x - 0.5, y - 0.5), w, h, fill=False, edgecolor=color, linewidth=1.5))
 
 
+def draw_ground_truth(ax, box: Sequence[float] | None, mask: np.ndarray | None = None,
+                      color: str = LESION_COLOUR) -> None:
+    """Outline a ground-truth ``mask`` [H, W] (its contour: a segmentation, or several boxes
+    united) when there is one, else ``box`` (:func:`draw_box`)."""
+    if mask is None or not np.asarray(mask).any():
+        draw_box(ax, box, color)
+        return
+    ax.contour(np.asarray(mask, dtype=float), levels=[0.5], colors=[color], linewidths=1.2)
+
+
 def map_scale(*maps: np.ndarray) -> tuple[Normalize, str]:
     """One colour scale for ``maps`` (NaNs ignored): centred at 0 on :data:`SIGNED_CMAP` up to
     the largest |value| when any value is negative, else 0..max on :data:`UNSIGNED_CMAP`."""
@@ -86,14 +96,16 @@ def show_map(
     box: Sequence[float] | None = None,
     scale: tuple[Normalize, str] | None = None,
     colorbar: bool = True,
+    mask: np.ndarray | None = None,
 ):
     """``values`` on ``scale`` (default :func:`map_scale` of this map), the grey ``image`` faintly
-    on top, ``box`` and a colour bar. Returns the map's ``AxesImage``."""
+    on top, the ground truth (``mask``'s outline, else ``box``) and a colour bar. Returns the
+    map's ``AxesImage``."""
     norm, cmap = scale or map_scale(values)
     artist = ax.imshow(np.asarray(values, dtype=float), cmap=cmap, norm=norm)
     if image is not None:
         ax.imshow(image, cmap="gray", alpha=0.25, vmin=0, vmax=1)
-    draw_box(ax, box)
+    draw_ground_truth(ax, box, mask)
     if colorbar:
         fig.colorbar(artist, ax=ax, fraction=0.046, pad=0.02).ax.tick_params(labelsize=5)
     return artist
