@@ -80,3 +80,18 @@ def test_a_label_unknown_on_every_image_has_a_nan_auroc(k):
     metric.update(probs, auroc_targets(labels))
     got = per_label(metric.compute())
     assert torch.isnan(got[-1]) and not torch.isnan(got[:-1]).any()
+
+
+def test_a_label_of_one_class_has_a_nan_auroc_not_zero():
+    """torchmetrics gives 0 where the test images hold one class of a finding; a mean over
+    findings would count that 0. It is undefined: NaN, and the mean leaves it out."""
+    from causal_ie.models.findings import finding_aurocs
+
+    probs = torch.tensor([[0.9, 0.2], [0.1, 0.7], [0.8, 0.4], [0.3, 0.1]])
+    labels = torch.tensor([[1.0, 0.0], [0.0, 0.0], [1.0, 0.0], [0.0, 0.0]])
+    metric = label_auroc(2)
+    metric.update(probs, auroc_targets(labels))
+    got = per_label(metric.compute())
+    assert got[0] == 1.0 and torch.isnan(got[1])
+    mean, _ = finding_aurocs(got, torch.tensor([True, True]))
+    assert mean == 1.0

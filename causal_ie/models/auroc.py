@@ -22,13 +22,17 @@ def auroc_targets(labels: Tensor) -> Tensor:
 
 
 def _known_aurocs(preds: Tensor, target: Tensor) -> Tensor:
-    """[K] AUROC of each column over its known rows; NaN for a column with none (torchmetrics
-    fails on it: a model output the data does not annotate is all unknown)."""
+    """[K] AUROC of each column over its known rows; NaN where it is undefined: a column with no
+    known row (torchmetrics fails on it: a model output the data does not annotate) or with one
+    class only (torchmetrics returns 0 there, which a mean over findings would count)."""
     out = []
     for k in range(target.shape[1]):
-        keep = target[:, k] != IGNORED
-        out.append(binary_auroc(preds[keep, k], target[keep, k]) if bool(keep.any())
-                   else torch.tensor(float("nan"), device=preds.device))
+        known = target[:, k][target[:, k] != IGNORED]
+        if bool((known == 1).any()) and bool((known == 0).any()):
+            keep = target[:, k] != IGNORED
+            out.append(binary_auroc(preds[keep, k], target[keep, k]))
+        else:
+            out.append(torch.tensor(float("nan"), device=preds.device))
     return torch.stack(out)
 
 
