@@ -3,6 +3,8 @@ the training loss, of every AUROC and of its interval, not counted as negatives.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -95,3 +97,27 @@ def test_a_label_of_one_class_has_a_nan_auroc_not_zero():
     assert got[0] == 1.0 and torch.isnan(got[1])
     mean, _ = finding_aurocs(got, torch.tensor([True, True]))
     assert mean == 1.0
+
+
+def test_the_logged_mean_auroc_leaves_undefined_findings_out(monkeypatch):
+    """val/auroc_mean is the mean over the findings with both classes in the split; with none it
+    is NaN, and the default early stopping does not stop on it (check_finite: false)."""
+    from omegaconf import OmegaConf
+
+    from conftest import ROOT
+
+    model = Classifier(backbone="test_resnet")
+    logged = {}
+    monkeypatch.setattr(model, "log", lambda name, value, **kw: logged.__setitem__(name, float(value)))
+    probs = torch.rand(6, 14)
+    labels = torch.zeros(6, 14)
+    labels[:3, 0] = 1.0  # only finding 0 has both classes
+    probs[:3, 0] = 0.9
+    probs[3:, 0] = 0.1
+    model.val_auroc.update(probs, auroc_targets(labels))
+    model._log_auroc("val", model.val_auroc)
+    assert logged["val/auroc_mean"] == 1.0 and math.isnan(logged["val/auroc/Cardiomegaly"])
+    model.val_auroc.update(probs, auroc_targets(torch.zeros(6, 14)))
+    model._log_auroc("val", model.val_auroc)
+    assert math.isnan(logged["val/auroc_mean"])
+    assert OmegaConf.load(ROOT / "conf" / "callbacks" / "default.yaml").early_stopping.check_finite is False

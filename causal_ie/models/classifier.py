@@ -279,7 +279,11 @@ class Classifier(L.LightningModule):
         auroc.reset()
         for name, value in zip(self.findings, per_finding):
             self.log(f"{stage}/auroc/{name}", value)
-        self.log(f"{stage}/auroc_mean", per_finding.mean(), prog_bar=True)
+        # over the findings with an AUROC: one whose split holds one class only is NaN (undefined);
+        # NaN only when no finding has both classes (early stopping is told not to stop on it)
+        defined = per_finding[~torch.isnan(per_finding)]
+        mean = defined.mean() if defined.numel() else torch.tensor(float("nan"))
+        self.log(f"{stage}/auroc_mean", mean, prog_bar=True)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self._eval_step(batch, "val", self.val_auroc)
