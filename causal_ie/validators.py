@@ -1,4 +1,5 @@
-"""Checks of config values with errors that name the key: numbers, counts, shares, choices, norms.
+"""Checks of config values with errors that name the key: numbers, counts, shares, choices (one or
+several), norms.
 
 Each takes the key as the user writes it (``attack.eps``, ``model.adv_train.steps``) and
 returns the value in its plain type, or raises ValueError saying what was expected. Booleans
@@ -52,6 +53,16 @@ def choice(key: str, value: Any, options: Sequence[str]) -> str:
     if value not in options:
         raise ValueError(f"{key}={value!r}: expected one of {', '.join(map(str, options))}")
     return str(value)
+
+
+def subset(key: str, values: Any, options: Sequence[str], wildcard: str | None = "*") -> list[str]:
+    """``values`` (one string or a list) as a non-empty list, each one of ``options`` or
+    ``wildcard`` (``data.views=[PA, AP]``, ``'*'``)."""
+    out = [values] if isinstance(values, str) else [str(v) for v in values]
+    allowed = [*options, *([wildcard] if wildcard else [])]
+    if not out or any(v not in allowed for v in out):
+        raise ValueError(f"{key}={out}: each must be one of {', '.join(map(str, allowed))}")
+    return out
 
 
 def norm(key: str, value: Any) -> str:

@@ -43,3 +43,15 @@ def test_count_share_choice_norm():
     for bad in ("L1", None, 2):
         with pytest.raises(ValueError, match="expected Linf or L2"):
             validators.norm("attack.norm", bad)
+
+
+def test_subset_takes_one_or_several_choices_and_names_the_key():
+    from causal_ie.validators import subset
+
+    assert subset("data.views", "PA", ("PA", "AP")) == ["PA"]
+    assert subset("data.views", ["PA", "AP"], ("PA", "AP")) == ["PA", "AP"]
+    assert subset("data.views", ["*"], ("PA", "AP")) == ["*"]
+    with pytest.raises(ValueError, match=r"data.views=\['PA', 'LL'\]: each must be one of PA, AP, \*"):
+        subset("data.views", ["PA", "LL"], ("PA", "AP"))
+    with pytest.raises(ValueError, match=r"data.views=\[\]"):
+        subset("data.views", [], ("PA", "AP"))

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from causal_ie.data.errors import DataError
+from causal_ie.data.errors import DataError, read_table, require_columns
 from causal_ie.labels import LabelSpace
 
 RELEASES = ("CheXpert-v1.0-small", "CheXpert-v1.0")
@@ -59,14 +59,9 @@ def image_path(release: Path, listed: str) -> Path:
 
 def check_table(path: Path) -> None:
     """DataError naming the file and the columns when a CheXpert CSV lacks one the reader needs."""
-    try:
-        header = pd.read_csv(path, nrows=0).columns
-    except (OSError, ValueError, pd.errors.ParserError) as exc:
-        raise DataError(f"cannot read the CheXpert labels {path}: {exc}") from None
-    missing = [c for c in COLUMNS if c not in header]
-    if missing:
-        raise DataError(f"{path} lacks column(s) {', '.join(missing)}; a CheXpert labels file has Path, Sex, Age, "
-                        f"Frontal/Lateral, AP/PA, No Finding and the 13 findings (found {', '.join(header)})")
+    header = read_table(path, "CheXpert labels", nrows=0).columns
+    require_columns(path, header, COLUMNS, "a CheXpert labels file has Path, Sex, Age, Frontal/Lateral, AP/PA, "
+                    "No Finding and the 13 findings")
 
 
 def view_count(table: Path, views: list[str]) -> int:

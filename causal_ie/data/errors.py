@@ -1,9 +1,12 @@
-"""Errors for bad input data, and the raise-or-skip policy of `data.on_error`."""
+"""Errors for bad input data, the raise-or-skip policy of `data.on_error`, and the checks every
+metadata table gets (readable, its columns there), named by file."""
 
 from __future__ import annotations
 
 import logging
 from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -11,6 +14,37 @@ log = logging.getLogger(__name__)
 
 class DataError(ValueError):
     """Input data is missing or malformed. The message names the file or field."""
+
+
+def find_metadata(root: str | Path, names: Sequence[str], what: str, layout: str) -> Path:
+    """The first of ``names`` that is a file under ``root`` (``data.root``), or DataError: the
+    folder missing (with the ``layout`` it should hold) or the files looked for."""
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise DataError(f"the {what} folder {root} (data.root) does not exist; it should hold {layout}")
+    for name in names:
+        if (root / name).is_file():
+            return root / name
+    raise DataError(f"no {what} metadata in {root} (data.root): looked for {', '.join(names)}; it should hold {layout}")
+
+
+def read_table(path: str | Path, what: str, **kwargs: Any) -> Any:
+    """``pandas.read_csv(path, **kwargs)``, or DataError naming ``what`` and the file."""
+    import pandas as pd
+
+    try:
+        return pd.read_csv(path, **kwargs)
+    except (OSError, EOFError, UnicodeDecodeError, ValueError, pd.errors.ParserError) as exc:
+        raise DataError(f"cannot read the {what} {path}: {exc}") from None
+
+
+def require_columns(path: str | Path, found: Iterable[Any], needed: Sequence[str], what: str) -> None:
+    """DataError naming the file, the missing columns and the ones found, unless all of ``needed``
+    are among ``found``; ``what`` says what such a file holds ("an RSNA labels file has ...")."""
+    found = [str(c) for c in found]
+    missing = [c for c in needed if c not in found]
+    if missing:
+        raise DataError(f"{path} lacks column(s) {', '.join(missing)}; {what} (found {', '.join(found)})")
 
 
 class ProblemLog:

@@ -36,7 +36,7 @@ import torch
 from torch.utils.data import Dataset
 
 from causal_ie.data.cache import build_cache, default_cache_dir
-from causal_ie.data.errors import DataError, ProblemLog
+from causal_ie.data.errors import DataError, ProblemLog, read_table
 from causal_ie.data.findings import ALIASES, FINDINGS, NUM_FINDINGS
 from causal_ie.data.splits import patient_split
 
@@ -96,20 +96,13 @@ def read_metadata(root: str | Path, on_error: str = "raise", *, problems: Proble
     return entries[["image", "patient_id", "view", *FINDINGS]]
 
 
-def _read_csv(path: Path, what: str, **kwargs: Any) -> pd.DataFrame:
-    try:
-        return pd.read_csv(path, **kwargs)
-    except (OSError, EOFError, UnicodeDecodeError, ValueError, pd.errors.ParserError) as exc:
-        raise DataError(f"cannot read the {what} {path}: {exc}") from None
-
-
 def _load_entries(root: Path, problems: ProblemLog) -> tuple[pd.DataFrame, Path, list[str]]:
     """The metadata as :func:`read_metadata` (good rows only), the file read and the image
     name of every data row (dropped rows too, so they are not reported a second time)."""
     path = _find_file(root, METADATA_NAMES)
     if path is None:
         raise DataError(f"no NIH metadata file in {root}: looked for {_looked_for(METADATA_NAMES)}")
-    raw = _read_csv(path, "NIH metadata file", dtype=str, keep_default_na=False)
+    raw = read_table(path, "NIH metadata file", dtype=str, keep_default_na=False)
     raw.columns = [str(c).strip() for c in raw.columns]
     missing = [c for c in _METADATA_COLUMNS if c not in raw.columns]
     if missing:

@@ -16,9 +16,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
 
-from causal_ie.data.errors import DataError
+from causal_ie.data.errors import DataError, read_table, require_columns
 from causal_ie.data.nih import image_dirs
 from causal_ie.labels import LabelSpace
 
@@ -42,14 +41,8 @@ def labels_file(path: str | None) -> Path:
 
 
 def check_table(path: Path) -> None:
-    try:
-        rows = pd.read_csv(path, usecols=lambda c: True, nrows=5)
-    except (OSError, ValueError, pd.errors.ParserError) as exc:
-        raise DataError(f"cannot read the NIH Google labels {path}: {exc}") from None
-    missing = [c for c in COLUMNS if c not in rows.columns]
-    if missing:
-        raise DataError(f"{path} lacks column(s) {', '.join(missing)}; torchxrayvision's NIH Google labels have "
-                        f"{', '.join(COLUMNS)} (found {', '.join(map(str, rows.columns))})")
+    header = read_table(path, "NIH Google labels", nrows=0).columns
+    require_columns(path, header, COLUMNS, f"torchxrayvision's NIH Google labels have {', '.join(COLUMNS)}")
 
 
 def xrv_dataset(root: Path, table: Path, views: list[str]) -> Any:

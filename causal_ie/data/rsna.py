@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from causal_ie.data.errors import DataError, ProblemLog
+from causal_ie.data.errors import DataError, ProblemLog, find_metadata, read_table, require_columns
 from causal_ie.labels import LabelSpace
 
 # label file -> the folder of its DICOMs
@@ -35,14 +35,8 @@ VIEWS = ("PA", "AP")
 
 def label_file(root: str | Path) -> Path:
     """The labels CSV under ``root``, or DataError naming what was looked for."""
-    root = Path(root).expanduser()
-    if not root.is_dir():
-        raise DataError(f"the RSNA Pneumonia folder {root} (data.root) does not exist; it should hold "
-                        f"stage_2_train_labels.csv and stage_2_train_images/<patientId>{SUFFIX}")
-    for name in RELEASES:
-        if (root / name).is_file():
-            return root / name
-    raise DataError(f"no RSNA Pneumonia labels in {root} (data.root): looked for {' and '.join(RELEASES)}")
+    return find_metadata(root, list(RELEASES), "RSNA Pneumonia",
+                         f"stage_2_train_labels.csv and stage_2_train_images/<patientId>{SUFFIX}")
 
 
 def image_folder(labels: Path) -> Path:
@@ -54,14 +48,8 @@ def read_labels(path: str | Path) -> pd.DataFrame:
     and on each ``Target`` 1 row a box of numbers with positive width and height. DataError names
     the file, the column or the line."""
     path = Path(path)
-    try:
-        rows = pd.read_csv(path, dtype={"patientId": str})
-    except (OSError, ValueError, pd.errors.ParserError) as exc:
-        raise DataError(f"cannot read the RSNA Pneumonia labels {path}: {exc}") from None
-    missing = [c for c in COLUMNS if c not in rows.columns]
-    if missing:
-        raise DataError(f"{path} lacks column(s) {', '.join(missing)}; an RSNA labels file has {', '.join(COLUMNS)} "
-                        f"(found {', '.join(map(str, rows.columns))})")
+    rows = read_table(path, "RSNA Pneumonia labels", dtype={"patientId": str})
+    require_columns(path, rows.columns, COLUMNS, f"an RSNA labels file has {', '.join(COLUMNS)}")
     target = pd.to_numeric(rows["Target"], errors="coerce")
     bad_target = ~target.isin((0, 1))
     box = rows[["x", "y", "width", "height"]].apply(pd.to_numeric, errors="coerce")

@@ -20,7 +20,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from causal_ie.data.errors import DataError
+from causal_ie.data.errors import DataError, find_metadata, read_table
 from causal_ie.data.ground_truth import resize_mask, rle_mask
 
 RLE_FILES = ("train-rle.csv", "stage_2_train.csv", "siim-pneumothorax-train-rle.csv", "siim-pneumothorax-train-rle.csv.gz")
@@ -30,21 +30,15 @@ LABEL = "Pneumothorax"  # as torchxrayvision names it
 
 
 def rle_file(root: str | Path) -> Path:
-    root = Path(root).expanduser()
-    for name in RLE_FILES:
-        if (root / name).is_file():
-            return root / name
-    raise DataError(f"no SIIM-ACR run-length file in {root} (data.root): looked for {', '.join(RLE_FILES)}")
+    """The run-length CSV under ``root``, or DataError naming what was looked for."""
+    return find_metadata(root, RLE_FILES, "SIIM-ACR", f"train-rle.csv and {IMAGE_FOLDER}/<study>/<series>/<ImageId>.dcm")
 
 
 def read_rle(path: str | Path) -> pd.DataFrame:
     """The rows of a SIIM-ACR run-length file as ``ImageId`` and ``EncodedPixels`` (stripped),
     whichever spelling of the column the file has. DataError names the file and the columns."""
     path = Path(path)
-    try:
-        rows = pd.read_csv(path, dtype=str)
-    except (OSError, ValueError, pd.errors.ParserError) as exc:
-        raise DataError(f"cannot read the SIIM-ACR run-length file {path}: {exc}") from None
+    rows = read_table(path, "SIIM-ACR run-length file", dtype=str)
     column = next((c for c in ENCODED if c in rows.columns), None)
     if "ImageId" not in rows.columns or column is None:
         raise DataError(f"{path} needs the columns ImageId and ' EncodedPixels' (or 'EncodedPixels'); "

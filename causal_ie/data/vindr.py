@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from causal_ie.data.errors import DataError, ProblemLog
+from causal_ie.data.errors import DataError, ProblemLog, find_metadata, read_table, require_columns
 from causal_ie.labels import LabelSpace
 
 log = logging.getLogger(__name__)
@@ -42,14 +42,7 @@ NO_FINDING = "No finding"
 
 def annotation_file(root: str | Path) -> Path:
     """The readers' annotation CSV under ``root``, or DataError naming what was looked for."""
-    root = Path(root).expanduser()
-    if not root.is_dir():
-        raise DataError(f"the VinDr-CXR folder {root} (data.root) does not exist; it should hold "
-                        f"{ANNOTATION_FILES[0]} and {IMAGE_FOLDER}/<image_id>{SUFFIX}")
-    for name in ANNOTATION_FILES:
-        if (root / name).is_file():
-            return root / name
-    raise DataError(f"no VinDr-CXR annotations in {root} (data.root): looked for {' and '.join(ANNOTATION_FILES)}")
+    return find_metadata(root, ANNOTATION_FILES, "VinDr-CXR", f"{ANNOTATION_FILES[0]} and {IMAGE_FOLDER}/<image_id>{SUFFIX}")
 
 
 def read_annotations(path: str | Path) -> pd.DataFrame:
@@ -57,14 +50,8 @@ def read_annotations(path: str | Path) -> pd.DataFrame:
     present, and a box's corners numbers with ``x_min < x_max`` and ``y_min < y_max`` on every
     row that is not ``No finding``. DataError names the file, the column or the row."""
     path = Path(path)
-    try:
-        rows = pd.read_csv(path, dtype={"image_id": str, "class_name": str, "rad_id": str})
-    except (OSError, ValueError, pd.errors.ParserError) as exc:
-        raise DataError(f"cannot read the VinDr-CXR annotations {path}: {exc}") from None
-    missing = [c for c in COLUMNS if c not in rows.columns]
-    if missing:
-        raise DataError(f"{path} lacks column(s) {', '.join(missing)}; a VinDr-CXR annotation file has "
-                        f"{', '.join(COLUMNS)} (found {', '.join(map(str, rows.columns))})")
+    rows = read_table(path, "VinDr-CXR annotations", dtype={"image_id": str, "class_name": str, "rad_id": str})
+    require_columns(path, rows.columns, COLUMNS, f"a VinDr-CXR annotation file has {', '.join(COLUMNS)}")
     boxes = rows[rows["class_name"] != NO_FINDING]
     corners = boxes[["x_min", "y_min", "x_max", "y_max"]].apply(pd.to_numeric, errors="coerce")
     bad = corners.isna().any(axis=1) | (corners["x_min"] >= corners["x_max"]) | (corners["y_min"] >= corners["y_max"])

@@ -10,7 +10,7 @@ import numpy as np
 
 from causal_ie.data.errors import DataError
 from causal_ie.data.sources.files import Catalogue, FileSourceDataModule
-from causal_ie.validators import choice
+from causal_ie.validators import choice, subset
 
 log = logging.getLogger(__name__)
 
@@ -39,11 +39,7 @@ class CheXpertDataModule(FileSourceDataModule):
         from causal_ie.data import chexpert
 
         self.uncertain = choice("data.uncertain", uncertain, chexpert.UNCERTAIN)
-        views = [views] if isinstance(views, str) else [str(v) for v in views]
-        unknown = sorted(set(views) - {*chexpert.VIEWS, "*"})
-        if not views or unknown:
-            raise ValueError(f"data.views={views}: each view must be one of {', '.join(chexpert.VIEWS)} or '*'")
-        self.views = views
+        self.views = views = subset("data.views", views, chexpert.VIEWS)
         self._release = chexpert.folder(self.root)
         tables = [self._release / chexpert.TRAIN] + ([self._release / chexpert.TEST]
                                                      if (self._release / chexpert.TEST).is_file() else [])

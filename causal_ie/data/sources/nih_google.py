@@ -10,6 +10,7 @@ import numpy as np
 
 from causal_ie.data.errors import DataError
 from causal_ie.data.sources.files import Catalogue, FileSourceDataModule
+from causal_ie.validators import subset
 
 
 class NIHGoogleDataModule(FileSourceDataModule):
@@ -33,11 +34,7 @@ class NIHGoogleDataModule(FileSourceDataModule):
         super().__init__(root=root, **settings)
         from causal_ie.data import nih_google
 
-        views = [views] if isinstance(views, str) else [str(v) for v in views]
-        unknown = sorted(set(views) - {*nih_google.VIEWS, "*"})
-        if not views or unknown:
-            raise ValueError(f"data.views={views}: each view must be one of {', '.join(nih_google.VIEWS)} or '*'")
-        self.views = views
+        self.views = views = subset("data.views", views, nih_google.VIEWS)
         if not Path(self.root).expanduser().is_dir():
             raise DataError(f"the NIH folder {self.root} (data.root) does not exist; it should hold images/*.png "
                             "or images_0NN/images/*.png")

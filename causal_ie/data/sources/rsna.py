@@ -11,6 +11,7 @@ import numpy as np
 from causal_ie.data.errors import ProblemLog
 from causal_ie.data.ground_truth import ReaderBoxes
 from causal_ie.data.sources.files import Catalogue, FileSourceDataModule
+from causal_ie.validators import subset
 
 log = logging.getLogger(__name__)
 
@@ -33,11 +34,7 @@ class RSNADataModule(FileSourceDataModule):
         super().__init__(root=root, **settings)
         from causal_ie.data import rsna
 
-        views = [views] if isinstance(views, str) else [str(v) for v in views]
-        unknown = sorted(set(views) - {*rsna.VIEWS, "*"})
-        if not views or unknown:
-            raise ValueError(f"data.views={views}: each view must be one of {', '.join(rsna.VIEWS)} or '*'")
-        self.views = views
+        self.views = views = subset("data.views", views, rsna.VIEWS)
         self._label_file = rsna.label_file(self.root)
         self._rows = rsna.read_labels(self._label_file)
         self._reader = rsna.xrv_dataset(self._label_file, views)
