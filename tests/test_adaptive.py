@@ -460,3 +460,58 @@ def test_logistic_logit_is_the_fitted_pipelines_decision_function():
     assert grad[40, 1] == 0  # the NaN feature
     with pytest.raises(ValueError, match="last step"):
         logistic_logit(pipeline.named_steps["scale"])
+
+
+class LinearNet(torch.nn.Module):
+    """Finding 0's logit is w . x + b (finding 1 constant): gradients known in closed form."""
+
+    def __init__(self, w: torch.Tensor, b: float):
+        super().__init__()
+        self.w, self.b = torch.nn.Parameter(w), b
+
+    def forward(self, x):
+        z = (x.flatten(1) * self.w).sum(1) + self.b
+        return torch.stack([z, torch.zeros_like(z)], dim=1)
+
+
+@pytest.mark.parametrize("flipped", [False, True])
+def test_orthogonal_steps_leave_the_other_goal_unchanged_to_first_order(flipped):
+    """Bryniarski et al.'s orthogonal PGD, on a linear classifier and a linear detector whose
+    gradients overlap (cosine 0.6): before the flip an L2 step raises the classification loss
+    and leaves the detector's logit where it was; after it, lowers the detector's logit and
+    leaves the classifier's."""
+    g = torch.Generator().manual_seed(0)
+    w_c = torch.zeros(16)
+    w_c[:8] = 1.0
+    w_d = torch.zeros(16)
+    w_d[:8], w_d[8:] = 0.75, 1.0  # cosine(w_c, w_d) = 6 / (sqrt(8) * sqrt(12.5)) = 0.6
+    model = LinearNet(w_c, b=-6.0 if not flipped else -2.0).eval()
+    x = 0.4 + 0.2 * torch.rand(3, 1, 4, 4, generator=g)  # w_c . x = 3.2..4.8: z about -2 or +2
+
+    def detector(images):
+        return (images.flatten(1) * w_d).sum(1) - 5.0
+
+    labels = torch.zeros(3, 2)  # untargeted: away from absent, so flipped means z > 0
+    with torch.no_grad():
+        z0, d0 = model(x)[:, 0], detector(x)
+    assert bool(((z0 > 0) == flipped).all())
+    out = AdaptivePGD(detector, eps=3.0, steps=1, alpha=0.05, norm="L2", random_start=False, orthogonal=True,
+                      keep_best=False, seed=0)(model, x, labels, 0)
+    with torch.no_grad():
+        z1, d1 = model(out.images)[:, 0], detector(out.images)
+    if flipped:  # the detector's logit falls by alpha * |w_d without w_c|; the classifier's stays
+        torch.testing.assert_close(z1, z0, atol=1e-5, rtol=0)
+        assert bool((d1 < d0 - 0.03).all())
+    else:
+        torch.testing.assert_close(d1, d0, atol=1e-5, rtol=0)
+        assert bool((z1 > z0 + 0.03).all())
+
+
+def test_orthogonal_steps_evade_the_toy_detector():
+    model = CornerCenterNet().eval()
+    images, labels = toy_images()
+    plain = AdaptivePGD(corner_detector, eps=0.1, steps=10, weight=0, seed=0)(model, images, labels, 0)
+    orthogonal = AdaptivePGD(corner_detector, eps=0.1, steps=10, weight=0, orthogonal=True, seed=0)(
+        model, images, labels, 0)
+    assert orthogonal.success.float().mean() >= 0.8
+    assert orthogonal.detector_logit.mean() < plain.detector_logit.mean() - 3

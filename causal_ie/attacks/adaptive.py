@@ -317,6 +317,14 @@ class AdaptivePGD:
     one that is not on the full objective; no balancing of the two losses is needed
     (``weight=0`` then attacks the classifier until the flip, the detector afterwards).
 
+    ``orthogonal=True`` (Bryniarski et al. 2022, "orthogonal" PGD): an image whose finding is not
+    yet flipped by ``margin`` steps on the classification gradient with its component along the
+    detector's gradient removed (the step leaves the detector's logit unchanged to first order),
+    a flipped one on the negative detector gradient with its component along the classification
+    gradient removed (the flip is kept to first order); the projections are per image, before
+    the sign (L-inf) or the normalisation (L2). Lambda plays no part then: the schedule's runs
+    are restarts from fresh random starts.
+
     Args:
         detector_logit: images [B, C, H, W] in [0, 1] -> logits [B] (higher = adversarial),
             differentiable w.r.t. the images (use :func:`bpda` for non-differentiable parts),
@@ -334,6 +342,7 @@ class AdaptivePGD:
         weight: lambda, a number >= 0 or a sequence of them (a schedule, above).
         threshold: detector logit below which an image counts as evading (stops the schedule).
         selective: Bryniarski et al.'s selective steps (above).
+        orthogonal: Bryniarski et al.'s orthogonal steps (above; implies the selective switch).
         margin: logit margin past the decision boundary before ``selective`` switches to the
             detector.
         mode: ``untargeted`` (away from the true label) or ``targeted`` (towards ``to``).
@@ -355,6 +364,7 @@ class AdaptivePGD:
         weight: float | Sequence[float] = 1.0,
         threshold: float | None = None,
         selective: bool = False,
+        orthogonal: bool = False,
         margin: float = 0.0,
         mode: str = "untargeted",
         to: str = "present",
@@ -384,6 +394,7 @@ class AdaptivePGD:
         self.weights = tuple(validators.number("weight", w, 0.0) for w in schedule)
         self.threshold = None if threshold is None else validators.number("threshold", threshold)
         self.selective = bool(selective)
+        self.orthogonal = bool(orthogonal)
         self.margin = validators.number("margin", margin, 0.0)
         if mode not in ("untargeted", "targeted"):
             raise ValueError(f"mode={mode!r}: expected 'untargeted' or 'targeted'")
@@ -402,7 +413,8 @@ class AdaptivePGD:
     def __repr__(self) -> str:
         return (
             f"AdaptivePGD(norm={self.norm}, eps={self.eps}, steps={self.steps}, alpha={self.alpha:.4g}, "
-            f"weight={self.weights}, threshold={self.threshold}, selective={self.selective}, mode={self.mode!r}"
+            f"weight={self.weights}, threshold={self.threshold}, selective={self.selective}, "
+            f"orthogonal={self.orthogonal}, mode={self.mode!r}"
             f"{', to=' + repr(self.to) if self.targeted else ''}, random_start={self.random_start}, "
             f"batch_size={self.batch_size})"
         )
@@ -517,6 +529,23 @@ class AdaptivePGD:
         factor = torch.where(delta_norms > self.eps, self.eps / delta_norms, torch.ones_like(delta_norms))
         return torch.clamp(x0 + delta * factor.view(-1, 1, 1, 1), min=0, max=1).detach()
 
+    @staticmethod
+    def _orthogonal_direction(gain: Tensor, d: Tensor, x: Tensor, done: Tensor) -> Tensor:
+        """Per image: the ascent direction of the gain without its component along the detector's
+        gradient (not yet flipped), or the descent direction of the detector without its
+        component along the gain's gradient (flipped, ``done``)."""
+        (g_gain,) = torch.autograd.grad(gain.sum(), x, retain_graph=True)
+        (g_det,) = torch.autograd.grad(d.sum(), x)
+        b = x.shape[0]
+        a, c = g_gain.reshape(b, -1), -g_det.reshape(b, -1)
+
+        def without(u: Tensor, v: Tensor) -> Tensor:  # u minus its projection on v, per row
+            scale = (u * v).sum(1, keepdim=True) / (v * v).sum(1, keepdim=True).clamp_min(1e-30)
+            return u - scale * v
+
+        step = torch.where(done[:, None], without(c, a), without(a, c))
+        return step.reshape_as(x)
+
     def _run(
         self, model: nn.Module, x0: Tensor, goal: Tensor, finding: Tensor, lam: float, start: Tensor | None
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -532,7 +561,7 @@ class AdaptivePGD:
         best_ok = torch.zeros(b, dtype=torch.bool, device=x.device)
         best_d = torch.full((b,), math.inf, dtype=x.dtype, device=x.device)
         best_gain = torch.full((b,), -math.inf, dtype=x.dtype, device=x.device)
-        detector_needed = lam != 0 or self.selective
+        detector_needed = lam != 0 or self.selective or self.orthogonal
         for t in range(self.steps + 1):
             final = t == self.steps
             x = x.detach().requires_grad_(not final)
@@ -550,6 +579,11 @@ class AdaptivePGD:
             best_ok, best_d, best_gain = best_ok | ok, torch.where(better, dd, best_d), torch.where(better, gg, best_gain)
             if final:
                 break
+            if self.orthogonal:
+                done = sign * z.detach() > self.margin
+                grad = self._orthogonal_direction(gain, d, x, done)
+                x = self._project(x, x0, grad)
+                continue
             if self.selective:
                 done = sign * z.detach() > self.margin
                 objective = (torch.where(done, 0.0, 1.0).to(gain.dtype) * gain).mean()

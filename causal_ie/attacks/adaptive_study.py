@@ -67,6 +67,9 @@ class AdaptiveStudy:
         selective: Bryniarski et al.'s selective steps: an image whose finding has already
             flipped steps on the detectors' logit alone (stronger than the fixed trade-off,
             which spends the budget pushing a detector far below its threshold).
+        orthogonal: Bryniarski et al.'s orthogonal steps instead (:class:`AdaptivePGD`): the
+            classification step without its component along the detectors' gradient until the
+            flip, then the detectors' step without its component along the classification one.
         margin: logit margin past the decision boundary before a selective step (and how near
             its threshold a detector counts as still flagging the image).
         batch_size: images attacked at once (bounds memory).
@@ -81,6 +84,7 @@ class AdaptiveStudy:
         weights: Sequence[float] = (0.01, 0.1, 1.0),
         steps: int | None = None,
         selective: bool = True,
+        orthogonal: bool = False,
         margin: float = 0.0,
         batch_size: int = 4,
         seed: int = 0,
@@ -91,6 +95,7 @@ class AdaptiveStudy:
         self.weights = tuple(validators.number("detection.adaptive.weights", w, 0.0) for w in weights)
         self.steps = None if steps is None else validators.count("detection.adaptive.steps", steps)
         self.selective = bool(selective)
+        self.orthogonal = bool(orthogonal)
         self.margin = validators.number("detection.adaptive.margin", margin, 0.0)
         self.batch_size = validators.count("detection.adaptive.batch_size", batch_size)
         self.seed = int(seed)
@@ -242,6 +247,7 @@ class AdaptiveStudy:
             "weights": list(self.weights),
             "steps": int(self.steps or study.attack.params.get("steps", 10)),
             "selective": self.selective,
+            "orthogonal": self.orthogonal,
             **self._evasion(evaded, evaded_groups, detection),
         }
         if len(set(pair_groups)) < 2:
@@ -312,6 +318,7 @@ class AdaptiveStudy:
             eps=float(attack.eps),
             steps=int(self.steps or attack.params.get("steps", 10)),
             selective=self.selective,
+            orthogonal=self.orthogonal,
             margin=self.margin,
             alpha=attack.params.get("alpha") or None,  # eps = 0 makes it 0: AdaptivePGD derives it then
             norm=attack.norm,

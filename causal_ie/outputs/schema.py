@@ -193,6 +193,7 @@ DETECTION: Tree = {
         "weights": Key(list, "the attacker's lambda schedule (loss - lambda * detector logit)"),
         "steps": Key(int, "PGD steps per lambda"),
         "selective": Key(bool, "selective steps: an image whose finding flipped steps on the detectors' logit alone"),
+        "orthogonal": Key(bool, "orthogonal steps (Bryniarski et al. 2022): each step without its component along the other goal's gradient"),
         "evasion": {
             "n": Key(int, "clean images attacked adaptively"),
             "<detector>": Key(float, "share of them the adaptive attack took to its goal below the detector's 5 %-FPR threshold; all: below every selected detector's at once", True),
