@@ -40,7 +40,7 @@ from hydra.utils import instantiate  # noqa: E402
 
 from causal_ie.attacks.outcome import attack_outcome  # noqa: E402
 from causal_ie.evaluation import evaluate  # noqa: E402
-from causal_ie.intervals import mean_ci  # noqa: E402
+from causal_ie.intervals import bootstrap_difference_ci, mean_ci, weighted_mean  # noqa: E402
 from causal_ie.io import atomic_write_text  # noqa: E402
 from causal_ie.outputs.tables import markdown_table, result_cell  # noqa: E402
 
@@ -81,6 +81,19 @@ def robust_accuracy(cfg, study, classifier, dataset, eps: float) -> dict[str, An
             "n": len(robust)}
 
 
+def paired_evasion_difference(selective: dict[str, Any], orthogonal: dict[str, Any], detection: Any) -> dict[str, Any]:
+    """evasion.all of the orthogonal attacker minus the selective one's, paired per image (both
+    studies attack the same images in the same order), with its patient-bootstrap interval."""
+    a, b = selective["per_image"], orthogonal["per_image"]
+    if a["groups"] != b["groups"]:
+        raise ValueError("the selective and orthogonal studies attacked other images: no paired difference")
+    diff, low, high = bootstrap_difference_ci(
+        lambda x, y, weights: weighted_mean(y, weights), lambda x, y, weights: weighted_mean(x, weights),
+        a["groups"], np.asarray(a["evaded_all"], float), np.asarray(b["evaded_all"], float),
+        n_boot=detection.n_boot, seed=detection.seed)
+    return {"all": diff, "all_ci_low": low, "all_ci_high": high, "n": len(a["groups"])}
+
+
 def table(result: dict[str, Any]) -> list[str]:
     # Either adaptive study may be missing (--against runs one of them); its columns then read n/a.
     empty = {"evasion": {}, "success_rate": float("nan"), "images": "?", "non_adaptive_evasion": {},
@@ -112,10 +125,25 @@ def table(result: dict[str, Any]) -> list[str]:
         f"{result_cell(ce_only['evasion_difference'], 'all')}; joint minus non-adaptive: "
         f"{result_cell(joint['evasion_difference'], 'all')}.",
         "",
+        *orthogonal_lines(result),
         f"Robust accuracy at eps/2 = {result['robust']['eps']}: {result_cell(result['robust'], 'robust_accuracy')} "
         f"(n = {result['robust']['n']}).",
     ]
     return lines
+
+
+def orthogonal_lines(result: dict[str, Any]) -> list[str]:
+    if "adaptive_all_orthogonal" not in result:
+        return []
+    o = result["adaptive_all_orthogonal"]
+    lines = [f"Joint attacker with orthogonal PGD (same {o['images']} images, seed and schedule; success rate "
+             f"{o['success_rate']:.3f}): evasion.all {result_cell(o['evasion'], 'all')}"]
+    if "orthogonal_minus_selective" in result:
+        lines[0] += (f"; orthogonal minus selective, paired per image: "
+                     f"{result_cell(result['orthogonal_minus_selective'], 'all')}")
+    rows = [[name, result_cell(result.get("adaptive_all", {}).get("evasion", {}), name), result_cell(o["evasion"], name)]
+            for name in o["evasion"] if name != "n" and not name.endswith(("_ci_low", "_ci_high"))]
+    return [lines[0] + ".", "", markdown_table(["detector", "evasion selective", "evasion orthogonal"], rows), ""]
 
 
 def main() -> None:
@@ -129,6 +157,8 @@ def main() -> None:
     parser.add_argument("--eps", type=float, default=0.008)
     parser.add_argument("--against", nargs="+", default=["ce", "all"], choices=["ce", "all"],
                         help="the adaptive studies to run (CE-only, joint)")
+    parser.add_argument("--orthogonal", action="store_true",
+                        help="also run the joint study with orthogonal PGD on the same images, paired with selective")
     parser.add_argument("--out", type=Path, default=ROOT / "outputs" / "benchmarks" / "adaptive_detectors")
     parser.add_argument("overrides", nargs="*", help="more evaluate.py overrides")
     args = parser.parse_args()
@@ -153,6 +183,14 @@ def main() -> None:
         adaptive = instantiate(cfg.detection.adaptive, against=against, _convert_="all")
         result[f"adaptive_{against}"] = adaptive.run(study, classifier, dataset, records)
         timings[f"adaptive_{against}_s"] = time.time() - started
+    if args.orthogonal:
+        started = time.time()
+        adaptive = instantiate(cfg.detection.adaptive, against="all", orthogonal=True, _convert_="all")
+        result["adaptive_all_orthogonal"] = adaptive.run(study, classifier, dataset, records)
+        timings["adaptive_all_orthogonal_s"] = time.time() - started
+        if "adaptive_all" in result:
+            result["orthogonal_minus_selective"] = paired_evasion_difference(
+                result["adaptive_all"], result["adaptive_all_orthogonal"], study.detection)
     started = time.time()
     result["robust"] = robust_accuracy(cfg, study, classifier, dataset, args.eps / 2)
     timings["robust_s"] = time.time() - started

@@ -249,6 +249,9 @@ class AdaptiveStudy:
             "selective": self.selective,
             "orthogonal": self.orthogonal,
             **self._evasion(evaded, evaded_groups, detection),
+            # per image, so two studies on the same images (selective, orthogonal) can be paired
+            "per_image": {"groups": [str(g) for g in evaded_groups],
+                          "evaded_all": [int(v) for v in np.concatenate(evaded["adaptive"]["all"])]},
         }
         if len(set(pair_groups)) < 2:
             log.warning("the adaptive attack gave %s pairs of fewer than 2 patients: no detection scores", detection.pairs)

@@ -151,7 +151,7 @@ class AttackReport:
             "",
             f"{adaptive.get('images', '?')} clean images attacked again on the classification loss minus lambda "
             f"times the attacked detectors' joint logit (each at its own 5 %-FPR threshold; lambda schedule "
-            f"{adaptive.get('weights')}, {adaptive.get('steps', '?')} steps{', selective' if adaptive.get('selective') else ''}, "
+            f"{adaptive.get('weights')}, {adaptive.get('steps', '?')} steps{', orthogonal' if adaptive.get('orthogonal') else ', selective' if adaptive.get('selective') else ''}, "
             f"EOT over {adaptive.get('eot_samples', '?')} draws for randomised detectors); the attack reached its goal on "
             f"{fmt(adaptive.get('success_rate'))} of them. Each detector is fitted on the other patients' non-adaptive "
             "pairs. Evasion: the share of the attacked images that reached the goal below the detector's threshold "

@@ -204,6 +204,10 @@ DETECTION: Tree = {
         "evasion_difference": {
             "<detector>": Key(float, "adaptive minus non-adaptive evasion (paired patient bootstrap)", True),
         },
+        "per_image": {
+            "groups": Key(list, "the patient of each adaptively attacked image, in the study's order"),
+            "evaded_all": Key(list, "per image: 1 if the adaptive attack reached the goal below every detector's threshold (pairs two studies on the same images)"),
+        },
         "<detector>": {
             "auroc": Key(float, "the detector (fitted on the other patients' non-adaptive pairs) on clean vs adaptive images", True),
             "tpr@5fpr": Key(float, "its true positive rate at 5 % false positive rate", True),
