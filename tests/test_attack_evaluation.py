@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import ROOT, TINY_EVAL, eval_cfg
+from hydra.utils import instantiate
 from sklearn.metrics import roc_auc_score
 
 from causal_ie.attacks.detection import crossfit_scores, detect, load_detection_data
@@ -181,7 +182,7 @@ ADAPTIVE = ["attack=pgd", "attack.eps=0.05", "attack.steps=3", "attack.adaptive=
 
 def test_adaptive_attacker_who_knows_the_ce_detector(tmp_path, checkpoint):
     cfg = eval_cfg(tmp_path, checkpoint, *ATTACK_EVAL, *ADAPTIVE, "detection.adaptive.against=ce")
-    results, _ = evaluate(cfg)
+    results, objects = evaluate(cfg)
     assert problems(results, EVALUATION) == []
     adaptive = results["detection"]["adaptive"]
     assert adaptive["attacked"] == ["ce"] and adaptive["images"] >= 8 and adaptive["weights"] == [1.0]
@@ -195,6 +196,17 @@ def test_adaptive_attacker_who_knows_the_ce_detector(tmp_path, checkpoint):
         assert adaptive["evasion_difference"][name] == pytest.approx(evasion[name] - before[name], abs=1e-12)
     # unseen by all detectors at once is rarer than unseen by any one of them
     assert evasion["all"] <= min(evasion[n] for n in ("ce", "max_prob", "noise_flip", "feature_squeezing", "combined"))
+    # the false positives behind "all at once": any detector flags at least as many clean images
+    # as each one, and the same shares come without attacking (clean_flags: same patients, halves)
+    flagged = adaptive["clean_flagged"]
+    names = ("ce", "max_prob", "noise_flip", "feature_squeezing", "combined")
+    assert flagged["n"] == adaptive["images"] and flagged["any"] >= max(flagged[n] for n in names)
+    assert flagged["any"] <= min(1.0, sum(flagged[n] for n in names)) + 1e-12
+    study = objects["module"].attack
+    records = objects["module"].artefacts["attack"]["records"]
+    alone = instantiate(cfg.detection.adaptive, against="ce", _convert_="all").clean_flags(study, records)
+    assert alone == flagged
+    assert adaptive["per_image"]["groups"] and len(adaptive["per_image"]["evaded_all"]) == adaptive["images"]
     report = (tmp_path / "report.md").read_text()
     assert "Against an adaptive attacker (knows ce)" in report and "| all at once |" in report
     assert "| max_prob (not attacked) |" in report

@@ -189,12 +189,7 @@ class AdaptiveStudy:
         detection = study.detection
         groups = records.groups
         log.info("adaptive study, half %d of 2: %d image(s) of unseen patients", part, len(test))
-        train = selection.copy()
-        train[np.isin(groups, np.unique(groups[test]))] = False
-        fitted = {name: row.fit(*matrices[name], train, detection.seed) for name, row in rows.items()}
-        # each detector's operating point: its 5 % FPR threshold on the training half's clean images
-        thresholds = {name: float(np.quantile(decision_scores(fitted[name], matrices[name][0][train]), 0.95))
-                      for name in rows}
+        fitted, thresholds = self._fit(test, records, rows, matrices, selection, detection)
         index = records.index[test]
         items = [dataset[int(i)] for i in index]
         images = to_model(classifier, torch.stack([item["image"] for item in items]))
@@ -226,6 +221,57 @@ class AdaptiveStudy:
         deployed = list(detection.detectors)  # "no detector flags it": the detectors selected, not their views
         for side in ("adaptive", "non_adaptive"):  # unseen by every deployed detector at once
             out["evaded"][side]["all"] = np.all([out["evaded"][side][n] for n in deployed], axis=0)
+        out["flagged_clean"] = self._flagged_clean(fitted, thresholds, matrices, test, deployed)
+        return out
+
+    @staticmethod
+    def _fit(test: np.ndarray, records: AttackRecords, rows: Mapping[str, Any], matrices: Mapping[str, Any],
+             selection: np.ndarray, detection: Any) -> tuple[dict[str, Any], dict[str, float]]:
+        """Every detector fitted on the selected pairs of the other patients, and its operating
+        point: the 5 % FPR threshold on their clean images."""
+        groups = records.groups
+        train = selection.copy()
+        train[np.isin(groups, np.unique(groups[test]))] = False
+        fitted = {name: row.fit(*matrices[name], train, detection.seed) for name, row in rows.items()}
+        thresholds = {name: float(np.quantile(decision_scores(fitted[name], matrices[name][0][train]), 0.95))
+                      for name in rows}
+        return fitted, thresholds
+
+    @staticmethod
+    def _flagged_clean(fitted: Mapping[str, Any], thresholds: Mapping[str, float], matrices: Mapping[str, Any],
+                       test: np.ndarray, deployed: Sequence[str]) -> dict[str, np.ndarray]:
+        """Per detector, which of the ``test`` images it flags clean (its false positives), and
+        ``any``: flagged by at least one deployed detector, the false positives of "all at once"."""
+        out = {name: decision_scores(fitted[name], matrices[name][0][test]) >= thresholds[name] for name in fitted}
+        out["any"] = np.any([out[n] for n in deployed], axis=0)
+        return out
+
+    def clean_flags(self, study: Any, records: AttackRecords) -> dict[str, Any]:
+        """Without attacking: the share of the study's images (the same patients and halves as
+        :meth:`run`) each detector flags clean at its threshold, and flagged by any, with 95 %
+        patient-bootstrap intervals (``clean_flagged`` of :meth:`run`'s results)."""
+        detection = study.detection
+        rows = detection.rows(records)
+        selection = records.pairs(detection.pairs)
+        groups = records.groups
+        chosen = self._choose(groups, selection)
+        halves = split_halves(list(groups[chosen]), self.seed)
+        matrices = {name: row.matrices(records) for name, row in rows.items()}
+        flags, flag_groups = [], []
+        for half in (halves, ~halves):
+            test = chosen[half]
+            fitted, thresholds = self._fit(test, records, rows, matrices, selection, detection)
+            flags.append(self._flagged_clean(fitted, thresholds, matrices, test, list(detection.detectors)))
+            flag_groups += list(groups[test])
+        return self._flag_shares(flags, flag_groups, detection)
+
+    @staticmethod
+    def _flag_shares(flags: Sequence[Mapping[str, np.ndarray]], groups: list[str], detection: Any) -> dict[str, Any]:
+        out: dict[str, Any] = {"n": len(groups)}
+        for name in flags[0]:
+            rate, low, high = mean_ci(np.concatenate([f[name] for f in flags]).astype(float), groups,
+                                      n_boot=detection.n_boot, seed=detection.seed)
+            out.update({name: rate, f"{name}_ci_low": low, f"{name}_ci_high": high})
         return out
 
     def _results(self, halves: Sequence[Mapping[str, Any]], attacked: list[str], not_attacked: Mapping[str, str],
@@ -249,6 +295,9 @@ class AdaptiveStudy:
             "selective": self.selective,
             "orthogonal": self.orthogonal,
             **self._evasion(evaded, evaded_groups, detection),
+            # the false positives behind "all at once": clean images flagged by any detector
+            **({"clean_flagged": self._flag_shares([h["flagged_clean"] for h in halves], evaded_groups, detection)}
+               if all("flagged_clean" in h for h in halves) else {}),
             # per image, so two studies on the same images (selective, orthogonal) can be paired
             "per_image": {"groups": [str(g) for g in evaded_groups],
                           "evaded_all": [int(v) for v in np.concatenate(evaded["adaptive"]["all"])]},

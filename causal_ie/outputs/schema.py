@@ -204,6 +204,10 @@ DETECTION: Tree = {
         "evasion_difference": {
             "<detector>": Key(float, "adaptive minus non-adaptive evasion (paired patient bootstrap)", True),
         },
+        "clean_flagged": {
+            "n": Key(int, "clean images of the study"),
+            "<detector>": Key(float, "share of the attacked images' clean versions the detector flags at its threshold (its false positive rate on them); any: flagged by at least one detector, the false positive rate behind evasion.all", True),
+        },
         "per_image": {
             "groups": Key(list, "the patient of each adaptively attacked image, in the study's order"),
             "evaded_all": Key(list, "per image: 1 if the adaptive attack reached the goal below every detector's threshold (pairs two studies on the same images)"),
