@@ -126,10 +126,22 @@ def table(result: dict[str, Any]) -> list[str]:
         f"{result_cell(joint['evasion_difference'], 'all')}.",
         "",
         *orthogonal_lines(result),
+        *clean_flag_lines(result),
         f"Robust accuracy at eps/2 = {result['robust']['eps']}: {result_cell(result['robust'], 'robust_accuracy')} "
         f"(n = {result['robust']['n']}).",
     ]
     return lines
+
+
+def clean_flag_lines(result: dict[str, Any]) -> list[str]:
+    """The false positives behind 'all at once': the study's clean images each detector flags."""
+    flagged = result.get("clean_flagged") or result.get("adaptive_all", {}).get("clean_flagged")
+    if not flagged:
+        return []
+    names = [k for k in flagged if k not in ("n", "any") and not k.endswith(("_ci_low", "_ci_high"))]
+    return [f"Clean images of the adaptive study (n = {flagged['n']}) flagged at each detector's 5 %-FPR threshold: "
+            f"by any detector {result_cell(flagged, 'any')} (the false positive rate behind 'all at once'); "
+            + ", ".join(f"{n} {result_cell(flagged, n)}" for n in names) + ".", ""]
 
 
 def orthogonal_lines(result: dict[str, Any]) -> list[str]:
@@ -155,8 +167,10 @@ def main() -> None:
     parser.add_argument("--test-images", type=int, default=300)
     parser.add_argument("--adaptive-images", type=int, default=200)
     parser.add_argument("--eps", type=float, default=0.008)
-    parser.add_argument("--against", nargs="+", default=["ce", "all"], choices=["ce", "all"],
-                        help="the adaptive studies to run (CE-only, joint)")
+    parser.add_argument("--against", nargs="*", default=["ce", "all"], choices=["ce", "all"],
+                        help="the adaptive studies to run (CE-only, joint; none: no attack)")
+    parser.add_argument("--clean-flags", action="store_true",
+                        help="the share of the study's clean images each detector (and any) flags, without attacking")
     parser.add_argument("--orthogonal", action="store_true",
                         help="also run the joint study with orthogonal PGD on the same images, paired with selective")
     parser.add_argument("--out", type=Path, default=ROOT / "outputs" / "benchmarks" / "adaptive_detectors")
@@ -183,6 +197,9 @@ def main() -> None:
         adaptive = instantiate(cfg.detection.adaptive, against=against, _convert_="all")
         result[f"adaptive_{against}"] = adaptive.run(study, classifier, dataset, records)
         timings[f"adaptive_{against}_s"] = time.time() - started
+    if args.clean_flags:
+        adaptive = instantiate(cfg.detection.adaptive, against="all", _convert_="all")
+        result["clean_flagged"] = adaptive.clean_flags(study, records)
     if args.orthogonal:
         started = time.time()
         adaptive = instantiate(cfg.detection.adaptive, against="all", orthogonal=True, _convert_="all")
@@ -226,7 +243,7 @@ def merge(labels: list[str]) -> None:
                 raise SystemExit(f"--merge: {path} differs from {paths[0]} in '{key}'; its adaptive study "
                                  "ran on other images or another model")
         for key, study in other.items():
-            if key.startswith("adaptive_"):
+            if key.startswith("adaptive_") or key in ("clean_flagged", "orthogonal_minus_selective"):
                 merged[key] = study
         merged["timings"].update({k: v for k, v in other["timings"].items() if k.startswith("adaptive_")})
     write(merged)
