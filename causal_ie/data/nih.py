@@ -57,7 +57,8 @@ _METADATA_COLUMNS = {"Image Index": "image", "Finding Labels": "labels", "Patien
 
 
 # -- files -------------------------------------------------------------------
-def _check_root(root: str | Path) -> Path:
+def check_root(root: str | Path) -> Path:
+    """``data.root`` as a Path, or DataError when the NIH folder is not there."""
     root = Path(root).expanduser()
     if not root.is_dir():
         raise DataError(f"the NIH ChestX-ray14 folder {root} (data.root) does not exist; it should contain {_EXPECTED_CONTENT}")
@@ -90,7 +91,7 @@ def read_metadata(root: str | Path, on_error: str = "raise", *, problems: Proble
     """
     own_log = problems is None
     problems = problems if problems is not None else ProblemLog(on_error)
-    entries, _, _ = _load_entries(_check_root(root), problems)
+    entries, _, _ = _load_entries(check_root(root), problems)
     if own_log:
         problems.log_summary()
     return entries[["image", "patient_id", "view", *FINDINGS]]
@@ -172,7 +173,7 @@ def read_bboxes(root: str | Path) -> pd.DataFrame:
     name the coordinate columns, so fields 3 to 6 are read by position. Raises DataError naming the file and line for an
     unknown finding or a value that is not a positive-size box.
     """
-    root = _check_root(root)
+    root = check_root(root)
     path = _find_file(root, [BBOX_NAME])
     if path is None:
         raise DataError(f"no NIH box file in {root}: looked for {_looked_for([BBOX_NAME])}")
@@ -269,7 +270,7 @@ def read_official_split(root: str | Path) -> tuple[list[str], list[str]] | None:
     Raises DataError when only one of ``train_val_list.txt`` / ``test_list.txt``
     is present or an image is listed in both.
     """
-    root = _check_root(root)
+    root = check_root(root)
     train_val_file, test_file = root / TRAIN_VAL_LIST, root / TEST_LIST
     present = (train_val_file.is_file(), test_file.is_file())
     if not any(present):
@@ -312,7 +313,7 @@ def make_splits(
         raise ValueError(
             f"data.val_fraction={val_fraction} and data.test_fraction={test_fraction} must be in [0, 1) and sum below 1"
         )
-    root = _check_root(root)
+    root = check_root(root)
     problems = problems if problems is not None else ProblemLog("raise")
     official = read_official_split(root)
     usable = metadata if available is None else metadata[metadata["image"].isin(set(available))]
@@ -339,6 +340,17 @@ def image_dirs(root: str | Path) -> list[Path]:
     return [d for d in dirs if d.is_dir()]
 
 
+def image_index(dirs: Iterable[Path]) -> dict[str, Path]:
+    """File name -> path over the image folders ``dirs``, each listed once (no per-file stat);
+    the first folder wins on duplicates."""
+    index: dict[str, Path] = {}
+    for d in dirs:
+        with os.scandir(d) as entries:
+            for entry in entries:
+                index.setdefault(entry.name, Path(entry.path))
+    return index
+
+
 def find_images(root: str | Path, names: Iterable[str], problems: ProblemLog) -> dict[str, Path]:
     """Paths of the image files ``names`` under ``root/images/`` or ``root/images_0NN/images/``.
 
@@ -347,17 +359,13 @@ def find_images(root: str | Path, names: Iterable[str], problems: ProblemLog) ->
     When none of ``names`` is found, a DataError names the folders searched,
     whatever ``on_error`` says: there is nothing to skip to.
     """
-    root = _check_root(root)
+    root = check_root(root)
     names = list(names)
     dirs = image_dirs(root)
     expected = f"{root / 'images'}/*.png or {root / 'images_001' / 'images'}/*.png ... (the NIH tarballs unpacked in {root})"
     if not dirs:
         raise DataError(f"no image folder in {root}: expected {expected}")
-    index: dict[str, Path] = {}
-    for d in dirs:
-        with os.scandir(d) as entries:
-            for entry in entries:
-                index.setdefault(entry.name, Path(entry.path))  # the first folder wins on duplicates
+    index = image_index(dirs)
     found = {name: index[name] for name in names if name in index}
     searched = ", ".join(str(d) for d in dirs)
     if names and not found:
@@ -525,7 +533,7 @@ def load_splits(
         raise ValueError(f"boxes_only names unknown split(s) {sorted(unknown)}; splits are {SPLITS}")
     if int(image_size) < 1:
         raise ValueError(f"data.image_size must be >= 1, got {image_size}")
-    root = _check_root(root)
+    root = check_root(root)
     problems = ProblemLog(on_error)
     entries, metadata_file, listed = _load_entries(root, problems)
     # Boxes are optional for training, required for the localisation set.

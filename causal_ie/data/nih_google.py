@@ -16,9 +16,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-
 from causal_ie.data.errors import DataError, read_table, require_columns
-from causal_ie.data.nih import image_dirs
+from causal_ie.data.nih import image_dirs, image_index
 from causal_ie.labels import LabelSpace
 
 SHIPPED = "google2019_nih-chest-xray-labels.csv.gz"
@@ -63,9 +62,5 @@ def image_paths(root: Path, names: list[str]) -> list[Path]:
     if not dirs:
         raise DataError(f"no image folder in {root} (data.root): expected {root / 'images'}/*.png or "
                         f"{root / 'images_001' / 'images'}/*.png (the NIH tarballs unpacked)")
-    index: dict[str, Path] = {}
-    for d in dirs:
-        with os.scandir(d) as entries:
-            for entry in entries:
-                index.setdefault(entry.name, Path(entry.path))
+    index = image_index(dirs)
     return [index.get(n, root / "images" / n) for n in names]

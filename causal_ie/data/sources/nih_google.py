@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from causal_ie.data.errors import DataError
+from causal_ie.data.nih import check_root
 from causal_ie.data.sources.files import Catalogue, FileSourceDataModule
 from causal_ie.validators import subset
 
@@ -35,9 +36,7 @@ class NIHGoogleDataModule(FileSourceDataModule):
         from causal_ie.data import nih_google
 
         self.views = views = subset("data.views", views, nih_google.VIEWS)
-        if not Path(self.root).expanduser().is_dir():
-            raise DataError(f"the NIH folder {self.root} (data.root) does not exist; it should hold images/*.png "
-                            "or images_0NN/images/*.png")
+        check_root(self.root)  # before the labels: a missing folder is named first
         self._labels_file = nih_google.labels_file(labels_file)
         nih_google.check_table(self._labels_file)
         self._reader = nih_google.xrv_dataset(Path(self.root), self._labels_file, views)
