@@ -154,12 +154,7 @@ class AdaptiveStudy:
         self.check(study)
         detection = study.detection
         attacked, not_attacked = self.attacked(study)
-        rows = detection.rows(records)
-        selection = records.pairs(detection.pairs)
-        groups = records.groups
-        chosen = self._choose(groups, selection)
-        halves = split_halves(list(groups[chosen]), self.seed)
-        matrices = {name: row.matrices(records) for name, row in rows.items()}  # the non-adaptive pairs
+        rows, selection, chosen, halves, matrices = self._plan(detection, records)
         done: list[dict[str, Any]] = list(resume["halves"]) if resume is not None else []
         for part, half in enumerate((halves, ~halves), start=1):
             if part <= len(done):
@@ -179,6 +174,17 @@ class AdaptiveStudy:
             if progress is not None:
                 progress({"halves": done, "half": part + 1, "attack": None, "draws": _draws(detection.detectors)})
         return self._results(done, attacked, not_attacked, study)
+
+    def _plan(self, detection: Any, records: AttackRecords) -> tuple[Any, np.ndarray, np.ndarray, np.ndarray, Any]:
+        """What both the study and :meth:`clean_flags` start from: the detectors' rows, the
+        selected pairs, the chosen images (whole patients), their halves and the non-adaptive
+        feature matrices."""
+        rows = detection.rows(records)
+        selection = records.pairs(detection.pairs)
+        chosen = self._choose(records.groups, selection)
+        halves = split_halves(list(records.groups[chosen]), self.seed)
+        matrices = {name: row.matrices(records) for name, row in rows.items()}  # the non-adaptive pairs
+        return rows, selection, chosen, halves, matrices
 
     def _half(self, part: int, test: np.ndarray, study: Any, classifier: nn.Module, dataset: Dataset,
               records: AttackRecords, rows: Mapping[str, Any], matrices: Mapping[str, Any], selection: np.ndarray,
@@ -251,12 +257,8 @@ class AdaptiveStudy:
         :meth:`run`) each detector flags clean at its threshold, and flagged by any, with 95 %
         patient-bootstrap intervals (``clean_flagged`` of :meth:`run`'s results)."""
         detection = study.detection
-        rows = detection.rows(records)
-        selection = records.pairs(detection.pairs)
+        rows, selection, chosen, halves, matrices = self._plan(detection, records)
         groups = records.groups
-        chosen = self._choose(groups, selection)
-        halves = split_halves(list(groups[chosen]), self.seed)
-        matrices = {name: row.matrices(records) for name, row in rows.items()}
         flags, flag_groups = [], []
         for half in (halves, ~halves):
             test = chosen[half]
